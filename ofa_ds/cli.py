@@ -1,0 +1,30 @@
+"""`ofa-ds` command line: one subcommand per job, each implemented in its own module.
+
+Every module named here provides `add_arguments(parser)` and `run(args) -> int | None`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "convert": ("ofa_ds.model.convert_cli", "convert an OFA fairseq checkpoint to ofa_ds / safetensors and back"),
+    "smoke": ("ofa_ds.model.smoke", "build a preset, run one forward+backward on random inputs, print a summary"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ofa-ds", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    args = parser.parse_args(argv)
+    return importlib.import_module(args._module).run(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Typed configuration: the model and its named size presets.
+
+A config is a plain dataclass; it round-trips through JSON and YAML (`to_dict` / `from_dict`), and an
+unknown key or a value of the wrong type is an error that names it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+# OFA's "resnetXX" options all build Bottleneck stacks (OFA_SPEC 1.9.1); stages 1-3 only.
+RESNET_LAYERS = {
+    "resnet18": (2, 2, 2),
+    "resnet34": (3, 4, 6),
+    "resnet50": (3, 4, 6),
+    "resnet101": (3, 4, 23),
+    "resnet152": (3, 8, 36),
+}
+BN_MODES = ("batch", "sync", "frozen")
+ATTN_BACKENDS = ("auto", "reference", "sdpa", "triton")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message names the key and the limit."""
+
+
+# ---------------------------------------------------------------------------------------------
+# dict / file round trip with strict key and type checking
+
+
+def _check_types(obj) -> None:
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            continue
+        if not _isinstance(v, hints[f.name]):
+            raise ConfigError(f"{type(obj).__name__}.{f.name}: expected {_type_name(hints[f.name])}, got {v!r}")
+
+
+def _isinstance(v, tp) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is typing.Any:
+        return True
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        return any(_isinstance(v, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return v is None
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        return isinstance(v, (list, tuple)) and (not args or all(_isinstance(x, args[0]) for x in v))
+    if origin is dict:
+        return isinstance(v, dict)
+    if tp is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if tp is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, tp)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _from_dict(cls, d: dict, where: str):
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+    kwargs = {}
+    for k, v in d.items():
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp) and isinstance(v, dict):
+            v = _from_dict(tp, v, f"{where}.{k}")
+        elif typing.get_origin(tp) is tuple and isinstance(v, list):
+            v = tuple(v)
+        if tp is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if not dataclasses.is_dataclass(tp) and not _isinstance(v, tp):
+            raise ConfigError(f"{where}.{k}: expected {_type_name(tp)}, got {v!r}")
+        kwargs[k] = v
+    return cls(**kwargs)
+
+
+def load_dict(path: str | Path) -> dict:
+    """Read a JSON or YAML file into a dict."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        d = yaml.safe_load(text)
+    else:
+        d = json.loads(text)
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return d
+
+
+def save_dict(d: dict, path: str | Path) -> None:
+    path = Path(path)
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        path.write_text(yaml.safe_dump(d, sort_keys=False))
+    else:
+        path.write_text(json.dumps(d, indent=2) + "\n")
+
+
+
+@dataclass
+class ModelConfig:
+    """The OFA encoder-decoder. Defaults are OFA's pretraining configuration (OFA_SPEC 1.2)."""
+
+    name: str = "custom"
+    embed_dim: int = 256
+    ffn_dim: int = 1024
+    heads: int = 4
+    encoder_layers: int = 4
+    decoder_layers: int = 4
+    resnet: str = "resnet50"
+    vocab_size: int = 59457
+    token_bucket_size: int = 256
+    image_bucket_size: int = 42
+    max_positions: int = 1024
+    attn_scale_factor: float = 2.0
+    code_image_size: int = 128  # decoder image-code window: code_image_size // 8 per side
+    dropout: float = 0.1
+    encoder_drop_path: float = 0.1
+    decoder_drop_path: float = 0.1
+    bn_mode: str = "batch"  # batch: per-rank statistics (OFA); sync: all-reduced; frozen: affine only
+    attn_backend: str = "auto"  # auto: triton on CUDA, sdpa elsewhere
+    pad_id: int = 1
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.heads
+
+    @property
+    def resnet_layers(self) -> tuple[int, int, int]:
+        return RESNET_LAYERS[self.resnet]
+
+    @property
+    def max_image_grid(self) -> int:
+        return self.image_bucket_size
+
+    def validate(self) -> None:
+        _check_types(self)
+        if self.embed_dim % self.heads:
+            raise ConfigError(f"model.heads={self.heads} does not divide model.embed_dim={self.embed_dim}")
+        if self.resnet not in RESNET_LAYERS:
+            raise ConfigError(f"model.resnet={self.resnet!r}; valid: {', '.join(RESNET_LAYERS)}")
+        if self.bn_mode not in BN_MODES:
+            raise ConfigError(f"model.bn_mode={self.bn_mode!r}; valid: {', '.join(BN_MODES)}")
+        if self.attn_backend not in ATTN_BACKENDS:
+            raise ConfigError(f"model.attn_backend={self.attn_backend!r}; valid: {', '.join(ATTN_BACKENDS)}")
+        for k in ("embed_dim", "ffn_dim", "heads", "encoder_layers", "decoder_layers", "vocab_size",
+                  "token_bucket_size", "image_bucket_size", "max_positions"):
+            if getattr(self, k) <= 0:
+                raise ConfigError(f"model.{k} must be positive, got {getattr(self, k)}")
+        window = self.code_image_size // 8
+        if window > self.image_bucket_size:
+            raise ConfigError(f"model.code_image_size={self.code_image_size} gives a {window}x{window} code grid, "
+                              f"larger than the {self.image_bucket_size}x{self.image_bucket_size} position grid")
+        if 1 + window * window > self.max_positions:
+            raise ConfigError("model.code_image_size too large for model.max_positions")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        return _from_dict(cls, d, "model")
+
+
+def _preset(name, d, f, h, le, ld, resnet) -> ModelConfig:
+    return ModelConfig(name=name, embed_dim=d, ffn_dim=f, heads=h, encoder_layers=le, decoder_layers=ld, resnet=resnet)
+
+
+# OFA_SPEC 2.1 for tiny..huge. Beyond Huge: head dim 128 (a size the fused attention kernel supports),
+# encoder twice as deep as the decoder as in Huge, ResNet-152 backbone. Exact counts are in the README
+# and pinned by tests/test_config.py.
+PRESETS: dict[str, ModelConfig] = {
+    p.name: p
+    for p in [
+        _preset("ofa_tiny", 256, 1024, 4, 4, 4, "resnet50"),
+        _preset("ofa_medium", 512, 2048, 8, 4, 4, "resnet101"),
+        _preset("ofa_base", 768, 3072, 12, 6, 6, "resnet101"),
+        _preset("ofa_large", 1024, 4096, 16, 12, 12, "resnet152"),
+        _preset("ofa_huge", 1280, 5120, 16, 24, 12, "resnet152"),
+        _preset("ofa_1.5b", 1536, 6144, 12, 32, 16, "resnet152"),
+        _preset("ofa_3b", 2048, 8192, 16, 36, 18, "resnet152"),
+        _preset("ofa_7b", 3072, 12288, 24, 40, 20, "resnet152"),
+    ]
+}
+
+
+def model_preset(name: str, **overrides) -> ModelConfig:
+    """A copy of a named preset, optionally with fields overridden."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+__all__ = ["ModelConfig", "ConfigError", "PRESETS", "model_preset", "load_dict", "save_dict", "RESNET_LAYERS"]

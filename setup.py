@@ -1,0 +1,56 @@
+"""ofa-ds: OFA-style multimodal seq2seq pretraining on DeepSpeed + Megatron.
+
+torch is pinned to 2.13.0 so pip never replaces an installed build (or pulls a CUDA one on CPU
+machines). The CUDA extension for the ResNet kernels (csrc/resnet) is built when CUDA is available;
+OFA_DS_BUILD_CUDA=1 forces it, OFA_DS_BUILD_CUDA=0 skips it.
+"""
+import os
+
+from setuptools import find_packages, setup
+
+
+def cuda_extensions():
+    flag = os.environ.get("OFA_DS_BUILD_CUDA")
+    if flag == "0":
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        return [], {}
+    if flag != "1" and not (torch.cuda.is_available() and CUDA_HOME):
+        return [], {}
+    from ofa_ds_build import resnet_extension  # noqa: E402  (csrc build description, see ofa_ds_build.py)
+
+    return [resnet_extension(CUDAExtension)], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = cuda_extensions() if os.path.exists("ofa_ds_build.py") else ([], {})
+
+setup(
+    name="ofa-ds",
+    version="0.1.0",
+    description="OFA unified multimodal seq2seq pretraining with DeepSpeed ZeRO-3 and Megatron parallelism",
+    packages=find_packages(include=["ofa_ds", "ofa_ds.*", "data_tools"]),
+    package_data={"ofa_ds": ["assets/ofa_bpe/*", "assets/sample_images/*"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch==2.13.0",
+        "deepspeed==0.19.8",
+        "megatron-core==0.16.1",
+        "triton==3.9.0",
+        "numpy",
+        "pyarrow",
+        "sentencepiece",
+        "tokenizers",
+        "safetensors",
+        "tensorboard",
+        "tqdm",
+        "pillow",
+        "pyyaml",
+    ],
+    extras_require={"test": ["pytest", "pytest-timeout"]},
+    entry_points={"console_scripts": ["ofa-ds=ofa_ds.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
