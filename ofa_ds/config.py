@@ -197,9 +197,9 @@ PRESETS: dict[str, ModelConfig] = {
         _preset("ofa_base", 768, 3072, 12, 6, 6, "resnet101"),
         _preset("ofa_large", 1024, 4096, 16, 12, 12, "resnet152"),
         _preset("ofa_huge", 1280, 5120, 16, 24, 12, "resnet152"),
-        _preset("ofa_1.5b", 1536, 6144, 12, 32, 16, "resnet152"),
-        _preset("ofa_3b", 2048, 8192, 16, 36, 18, "resnet152"),
-        _preset("ofa_7b", 3072, 12288, 24, 40, 20, "resnet152"),
+        _preset("ofa_1.5b", 1536, 6144, 12, 28, 14, "resnet152"),
+        _preset("ofa_3b", 2048, 8192, 16, 34, 17, "resnet152"),
+        _preset("ofa_7b", 3072, 12288, 24, 36, 18, "resnet152"),
     ]
 }
 
@@ -212,3 +212,54 @@ def model_preset(name: str, **overrides) -> ModelConfig:
 
 
 __all__ = ["ModelConfig", "ConfigError", "PRESETS", "model_preset", "load_dict", "save_dict", "RESNET_LAYERS"]
+
+
+@dataclass
+class DataConfig:
+    """Batch building from a converted corpus. Defaults are OFA's pretraining settings (OFA_SPEC 4)."""
+
+    tokenizer: str = "ofa_bpe"  # "ofa_bpe" (OFA's GPT-2 BPE) or a directory written by `ofa-ds train-tokenizer`
+    image_size: int = 384  # v1 (vision-language) images
+    extra_image_size: int = 256  # v2 images: image infilling, detection, blank text-infilling images
+    sample_patch_num: int = 196  # v1 patches kept per sample (OFA_SPEC 1.9.3); -1 keeps all
+    max_src_length: int = 80  # words of a caption / question in the source
+    max_tgt_length: int = 30  # words of a caption target
+    mask_ratio: float = 0.3  # text infilling: fraction of words masked
+    poisson_lambda: float = 3.0  # text infilling: mean span length in words
+    max_image_size: int = 512  # box coordinates are divided by this before binning
+    num_bins: int = 1000
+    num_codes: int = 8192
+    seed: int = 7
+    num_workers: int = 2
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        _check_types(self)
+        for k in ("image_size", "extra_image_size"):
+            v = getattr(self, k)
+            # ResNet stages 1-3 downsample by 16; image infilling blanks the centre half.
+            if v <= 0 or v % 16:
+                raise ConfigError(f"data.{k}={v} must be a positive multiple of 16")
+        if self.sample_patch_num == 0 or self.sample_patch_num < -1:
+            raise ConfigError(f"data.sample_patch_num={self.sample_patch_num} must be positive or -1 (all patches)")
+        for k in ("max_src_length", "max_tgt_length", "max_image_size", "num_bins", "num_codes"):
+            if getattr(self, k) <= 0:
+                raise ConfigError(f"data.{k} must be positive, got {getattr(self, k)}")
+        if not 0.0 <= self.mask_ratio <= 1.0:
+            raise ConfigError(f"data.mask_ratio={self.mask_ratio} must be in [0, 1]")
+        if self.poisson_lambda <= 0:
+            raise ConfigError(f"data.poisson_lambda={self.poisson_lambda} must be positive")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataConfig":
+        return _from_dict(cls, d, "data")
+
+
+__all__.append("DataConfig")

@@ -26,7 +26,7 @@ KIND_NONE, KIND_TEXT, KIND_IMAGE = 0, 1, 2
 def _text_lut_cpu(bucket_size: int, max_position: int) -> torch.Tensor:
     # Exactly OFA's make_token_bucket_position, evaluated on r = i - j instead of the full matrix
     # (the matrix depends only on i - j), so the float log/ceil rounding is the same.
-    rel = torch.arange(-(max_position - 1), max_position, dtype=torch.long)
+    rel = torch.arange(-(max_position - 1), max_position, dtype=torch.long, device="cpu")
     sign = torch.sign(rel)
     mid = bucket_size // 2
     abs_pos = torch.where((rel < mid) & (rel > -mid), mid - 1, torch.abs(rel))

@@ -1,0 +1,153 @@
+"""OFA's transformer layers: pre-LN with the NormFormer extras (OFA_SPEC 1.5-1.7).
+
+Layout is batch-first, x (B, T, D). Positions enter only through attention: the untied absolute term as
+extra q/k channels (pos_q, pos_k: (B, H, T, Dh), shared by all layers of a stack) and the per-layer
+relative tables, which live in the layer that uses them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ofa_ds.config import ModelConfig
+from ofa_ds.kernels.attention import RelPos, fused_attention
+from ofa_ds.kernels.attention.relpos import num_image_buckets, num_text_buckets
+
+
+def linear(din: int, dout: int, bias: bool = True) -> nn.Linear:
+    """nn.Linear with OFA's BERT-style init (N(0, 0.02), zero bias), done at construction (zero.Init-safe)."""
+    m = nn.Linear(din, dout, bias=bias)
+    nn.init.normal_(m.weight, std=0.02)
+    if bias:
+        nn.init.zeros_(m.bias)
+    return m
+
+
+def embedding(n: int, d: int, padding_idx: int | None = None) -> nn.Embedding:
+    m = nn.Embedding(n, d, padding_idx=padding_idx)
+    nn.init.normal_(m.weight, std=0.02)
+    if padding_idx is not None:
+        with torch.no_grad():
+            m.weight[padding_idx].zero_()
+    return m
+
+
+def layer_norm(d: int) -> nn.LayerNorm:
+    return nn.LayerNorm(d, eps=1e-5)
+
+
+def gelu(x):
+    return F.gelu(x.float()).type_as(x)  # exact erf GELU in fp32, as fairseq
+
+
+class DropPath(nn.Module):
+    """Stochastic depth on a residual branch: one keep/drop draw per sample, survivors scaled by 1/keep."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):  # (B, T, D)
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty(x.shape[0], 1, 1).bernoulli_(keep)
+        return x * mask / keep
+
+
+class Attention(nn.Module):
+    """Multi-head attention with `c_attn` head scaling. Self-attention fuses q/k/v into one GEMM;
+    cross-attention projects the query and the fused key/value separately."""
+
+    def __init__(self, cfg: ModelConfig, cross: bool = False):
+        super().__init__()
+        d, self.heads = cfg.embed_dim, cfg.heads
+        self.scale = (cfg.head_dim * cfg.attn_scale_factor) ** -0.5
+        self.backend = cfg.attn_backend
+        if cross:
+            self.q_proj, self.kv_proj = linear(d, d), linear(d, 2 * d)
+        else:
+            self.qkv_proj = linear(d, 3 * d)
+        self.c_attn = nn.Parameter(torch.ones(self.heads))
+        self.out_proj = linear(d, d)
+
+    def _heads(self, x):  # (B, T, D) -> (B, H, T, Dh)
+        B, T, _ = x.shape
+        return x.view(B, T, self.heads, -1).transpose(1, 2)
+
+    def forward(self, x, pos_q, pos_k, *, memory=None, causal=False, key_padding_mask=None, rel_pos=None):
+        if memory is None:
+            q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
+        else:
+            q, (k, v) = self.q_proj(x), self.kv_proj(memory).chunk(2, dim=-1)
+        q = torch.cat([self._heads(q), pos_q.to(q.dtype)], dim=-1)  # (B, H, T, 2*Dh)
+        k = torch.cat([self._heads(k), pos_k.to(k.dtype)], dim=-1)
+        o = fused_attention(q, k, self._heads(v), scale=self.scale, causal=causal,
+                            key_padding_mask=key_padding_mask, rel_pos=rel_pos, backend=self.backend)
+        o = o * self.c_attn.to(o.dtype)[None, :, None, None]  # (B, H, T, Dh)
+        B, _, T, _ = o.shape
+        return self.out_proj(o.transpose(1, 2).reshape(B, T, -1))
+
+
+class RelPosTables(nn.Module):
+    """A layer's relative-position tables: 1D text buckets and 2D image buckets, one column per head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.text = nn.Parameter(torch.empty(num_text_buckets(cfg.token_bucket_size), cfg.heads).normal_(std=0.02))
+        self.image = nn.Parameter(torch.empty(num_image_buckets(cfg.image_bucket_size), cfg.heads).normal_(std=0.02))
+
+    def bind(self, rel_pos: RelPos) -> RelPos:
+        return rel_pos.with_tables(self.text, self.image)
+
+
+class FeedForward(nn.Module):
+    """fc1 -> GELU -> LayerNorm over the inner width (NormFormer `ffn_layernorm`) -> fc2."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc1 = linear(cfg.embed_dim, cfg.ffn_dim)
+        self.ffn_layernorm = layer_norm(cfg.ffn_dim)
+        self.fc2 = linear(cfg.ffn_dim, cfg.embed_dim)
+
+    def forward(self, x):
+        return self.fc2(self.ffn_layernorm(gelu(self.fc1(x))))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, drop_path: float):
+        super().__init__()
+        d = cfg.embed_dim
+        self.self_attn_layer_norm, self.self_attn, self.attn_ln = layer_norm(d), Attention(cfg), layer_norm(d)
+        self.final_layer_norm, self.ffn = layer_norm(d), FeedForward(cfg)
+        self.rel_pos = RelPosTables(cfg)
+        self.dropout, self.drop_path = nn.Dropout(cfg.dropout), DropPath(drop_path)
+
+    def forward(self, x, pos_q, pos_k, key_padding_mask, rel_pos: RelPos):
+        h = self.self_attn(self.self_attn_layer_norm(x), pos_q, pos_k, key_padding_mask=key_padding_mask,
+                           rel_pos=self.rel_pos.bind(rel_pos))
+        x = x + self.drop_path(self.dropout(self.attn_ln(h)))
+        return x + self.drop_path(self.dropout(self.ffn(self.final_layer_norm(x))))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, drop_path: float):
+        super().__init__()
+        d = cfg.embed_dim
+        self.self_attn_layer_norm, self.self_attn, self.self_attn_ln = layer_norm(d), Attention(cfg), layer_norm(d)
+        self.encoder_attn_layer_norm, self.encoder_attn = layer_norm(d), Attention(cfg, cross=True)
+        self.cross_attn_ln = layer_norm(d)
+        self.final_layer_norm, self.ffn = layer_norm(d), FeedForward(cfg)
+        self.rel_pos = RelPosTables(cfg)
+        self.dropout, self.drop_path = nn.Dropout(cfg.dropout), DropPath(drop_path)
+
+    def forward(self, x, memory, self_pos, cross_pos, self_padding_mask, memory_padding_mask, rel_pos: RelPos):
+        (sq, sk), (cq, ck) = self_pos, cross_pos
+        h = self.self_attn(self.self_attn_layer_norm(x), sq, sk, causal=True, key_padding_mask=self_padding_mask,
+                           rel_pos=self.rel_pos.bind(rel_pos))
+        x = x + self.drop_path(self.dropout(self.self_attn_ln(h)))
+        h = self.encoder_attn(self.encoder_attn_layer_norm(x), cq, ck, memory=memory,
+                              key_padding_mask=memory_padding_mask)
+        x = x + self.drop_path(self.dropout(self.cross_attn_ln(h)))
+        return x + self.drop_path(self.dropout(self.ffn(self.final_layer_norm(x))))

@@ -1,0 +1,181 @@
+"""The OFA encoder-decoder (OFA_SPEC 1): one shared embedding for text, image codes and location bins.
+
+    logits = OFAModel(cfg)(stream)      # stream: the batch format of DESIGN.md, logits (B, T, V)
+
+Encoder sequence per sample: [image patches ; text tokens]; positions enter only as attention terms.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ofa_ds.config import ModelConfig
+from ofa_ds.kernels.attention.relpos import KIND_IMAGE, KIND_TEXT, RelPos, text_bucket_lut
+from ofa_ds.model.layers import DecoderLayer, EncoderLayer, embedding, layer_norm, linear
+from ofa_ds.model.resnet import OUT_CHANNELS, ResNet
+
+
+@dataclass
+class EncoderOut:
+    x: torch.Tensor  # (B, S, D) after the final LayerNorm
+    padding_mask: torch.Tensor  # (B, S) True = pad token or masked image patch
+    pos: torch.Tensor  # (B, S, D) LayerNorm'd position embeddings, for the decoder's cross-attention term
+
+
+def image_position_ids(h: int, w: int, n: int, device=None) -> torch.Tensor:
+    """(h*w,) ids 1 + row*n + col of a row-major h x w patch grid (row stride n whatever w is)."""
+    return (torch.arange(h, device=device)[:, None] * n + torch.arange(w, device=device)[None, :] + 1).flatten()
+
+
+def decoder_image_position_ids(cfg: ModelConfig) -> torch.Tensor:
+    """OFA's `image_position_idx`: 0 for the BOS, the code grid's ids, then 1024 for EOS/padding."""
+    window = cfg.code_image_size // 8
+    ids = torch.cat([torch.zeros(1, dtype=torch.long), image_position_ids(window, window, cfg.image_bucket_size)])
+    return torch.cat([ids, torch.full((cfg.max_positions + 2 - ids.numel(),), 1024, dtype=torch.long)])
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, n = cfg.embed_dim, cfg.image_bucket_size
+        self.cfg = cfg
+        self.embed_images = ResNet(cfg.resnet_layers, cfg.bn_mode)
+        self.image_proj = linear(OUT_CHANNELS, d)
+        self.type_embedding = embedding(2, d)  # row 0 text, row 1 image
+        self.layernorm_embedding, self.patch_layernorm_embedding = layer_norm(d), layer_norm(d)
+        self.embed_positions = embedding(cfg.max_positions + 2, d)
+        self.embed_image_positions = embedding(n * n + 1, d)
+        self.pos_ln, self.image_pos_ln = layer_norm(d), layer_norm(d)
+        self.pos_q_linear, self.pos_k_linear = linear(d, d), linear(d, d)
+        rates = torch.linspace(0, cfg.encoder_drop_path, cfg.encoder_layers, device="cpu").tolist()
+        self.layers = nn.ModuleList(EncoderLayer(cfg, p) for p in rates)
+        self.layer_norm = layer_norm(d)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def embed_image(self, patch_images, patch_masks, patch_idx):
+        """Patch embeddings (B, K, D), padding (B, K), position ids (B, K) for the kept patches."""
+        feats = self.embed_images(patch_images)  # (B, 1024, h, w)
+        B, _, h, w = feats.shape
+        n = self.cfg.image_bucket_size
+        if h > n or w > n:
+            raise ValueError(f"image of {patch_images.shape[-2]}x{patch_images.shape[-1]} px gives a {h}x{w} patch "
+                             f"grid; the position grid allows at most {n}x{n} ({16 * n} px)")
+        feats = feats.flatten(2).transpose(1, 2)  # (B, P, 1024)
+        ids = image_position_ids(h, w, n, feats.device).expand(B, h * w)
+        if patch_idx is not None:  # patch sampling: keep K patches per sample, with their own positions
+            feats = feats.gather(1, patch_idx[:, :, None].expand(-1, -1, feats.shape[2]))
+            ids = ids.gather(1, patch_idx)
+        if patch_masks is None:
+            patch_masks = torch.ones(B, dtype=torch.bool, device=feats.device)
+        pad = (~patch_masks)[:, None].expand(B, ids.shape[1])
+        x = self.image_proj(feats) + self.type_embedding.weight[1]
+        return self.dropout(self.patch_layernorm_embedding(x)), pad, ids
+
+    def forward(self, embed_tokens: nn.Embedding, text_lut, src_tokens, patch_images=None, patch_masks=None,
+                patch_idx=None) -> EncoderOut:
+        cfg = self.cfg
+        B, L = src_tokens.shape
+        if L > cfg.max_positions:
+            raise ValueError(f"source text of {L} tokens; the limit is max_positions={cfg.max_positions}")
+        text_pos_ids = torch.arange(L, device=src_tokens.device).expand(B, L)
+        x = self.dropout(self.layernorm_embedding(embed_tokens(src_tokens) + self.type_embedding.weight[0]))
+        pad = src_tokens.eq(cfg.pad_id)
+        pos = self.pos_ln(self.embed_positions.weight[:L]).expand(B, L, -1)
+        kind = torch.full((B, L), KIND_TEXT, dtype=torch.int8, device=src_tokens.device)
+        pos_ids = text_pos_ids
+        if patch_images is not None:
+            img, img_pad, ids = self.embed_image(patch_images, patch_masks, patch_idx)
+            x = torch.cat([img.to(x.dtype), x], dim=1)
+            pad = torch.cat([img_pad, pad], dim=1)
+            pos = torch.cat([self.image_pos_ln(self.embed_image_positions(ids)), pos], dim=1)
+            kind = torch.cat([torch.full_like(ids, KIND_IMAGE, dtype=torch.int8), kind], dim=1)
+            pos_ids = torch.cat([ids, text_pos_ids], dim=1)
+        has_pads = bool(pad.any())
+        if has_pads:
+            x = x * (~pad)[..., None].to(x.dtype)
+        pos_q, pos_k = heads(self.pos_q_linear(pos), cfg.heads), heads(self.pos_k_linear(pos), cfg.heads)
+        pos_ids = pos_ids.to(torch.int32)
+        rel = RelPos(kind, pos_ids, kind, pos_ids, None, None, text_lut, cfg.image_bucket_size)
+        for layer in self.layers:
+            x = layer(x, pos_q, pos_k, pad if has_pads else None, rel)
+        return EncoderOut(self.layer_norm(x), pad, pos)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, n = cfg.embed_dim, cfg.image_bucket_size
+        self.cfg = cfg
+        self.layernorm_embedding, self.code_layernorm_embedding = layer_norm(d), layer_norm(d)
+        self.embed_positions = embedding(cfg.max_positions + 2, d)
+        self.embed_image_positions = embedding(n * n + 1, d)
+        self.pos_ln, self.image_pos_ln = layer_norm(d), layer_norm(d)
+        self.self_pos_q_linear, self.self_pos_k_linear = linear(d, d), linear(d, d)
+        self.cross_pos_q_linear, self.cross_pos_k_linear = linear(d, d), linear(d, d)
+        rates = torch.linspace(0, cfg.decoder_drop_path, cfg.decoder_layers, device="cpu").tolist()
+        self.layers = nn.ModuleList(DecoderLayer(cfg, p) for p in rates)
+        self.layer_norm = layer_norm(d)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.register_buffer("image_position_idx", decoder_image_position_ids(cfg), persistent=False)
+
+    def forward(self, embed_tokens: nn.Embedding, text_lut, prev_output_tokens, enc: EncoderOut, code_masks=None):
+        """Final hidden states (B, T, D). Text targets use 1D positions; image-code targets (code_masks)
+        use the code grid's 2D positions, their own LayerNorms and the 2D relative table."""
+        cfg = self.cfg
+        B, T = prev_output_tokens.shape
+        if T > cfg.max_positions:
+            raise ValueError(f"decoder input of {T} tokens; the limit is max_positions={cfg.max_positions}")
+        dev = prev_output_tokens.device
+        code = torch.zeros(B, dtype=torch.bool, device=dev) if code_masks is None else code_masks.bool()
+        c = code[:, None, None]
+        img_ids = self.image_position_idx[:T]
+        pos = torch.where(c, self.image_pos_ln(self.embed_image_positions(img_ids)),
+                          self.pos_ln(self.embed_positions.weight[:T]))  # (B, T, D)
+        self_pos = heads(self.self_pos_q_linear(pos), cfg.heads), heads(self.self_pos_k_linear(pos), cfg.heads)
+        cross_pos = heads(self.cross_pos_q_linear(pos), cfg.heads), heads(self.cross_pos_k_linear(enc.pos), cfg.heads)
+
+        x = embed_tokens(prev_output_tokens)
+        x = self.dropout(torch.where(c, self.code_layernorm_embedding(x), self.layernorm_embedding(x)))
+        pad = prev_output_tokens.eq(cfg.pad_id)
+        kind = torch.where(code, KIND_IMAGE, KIND_TEXT).to(torch.int8)[:, None].expand(B, T)
+        pos_ids = torch.where(code[:, None], img_ids, torch.arange(T, device=dev)).to(torch.int32)
+        rel = RelPos(kind, pos_ids, kind, pos_ids, None, None, text_lut, cfg.image_bucket_size)
+        self_pad = pad if bool(pad.any()) else None
+        for layer in self.layers:
+            x = layer(x, enc.x, self_pos, cross_pos, self_pad, enc.padding_mask, rel)
+        return self.layer_norm(x)
+
+
+def heads(x, h: int):  # (B, T, D) -> (B, H, T, Dh)
+    B, T, _ = x.shape
+    return x.view(B, T, h, -1).transpose(1, 2)
+
+
+class OFAModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed_tokens = embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=cfg.pad_id)  # tied in and out
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.register_buffer("text_lut", text_bucket_lut(cfg.token_bucket_size, cfg.max_positions), persistent=False)
+
+    def encode(self, src_tokens, patch_images=None, patch_masks=None, patch_idx=None) -> EncoderOut:
+        return self.encoder(self.embed_tokens, self.text_lut, src_tokens, patch_images, patch_masks, patch_idx)
+
+    def decode(self, prev_output_tokens, enc: EncoderOut, code_masks=None):
+        x = self.decoder(self.embed_tokens, self.text_lut, prev_output_tokens, enc, code_masks)
+        return F.linear(x, self.embed_tokens.weight)  # (B, T, V)
+
+    def forward(self, stream: dict) -> torch.Tensor:
+        enc = self.encode(stream["src_tokens"], stream.get("patch_images"), stream.get("patch_masks"),
+                          stream.get("patch_idx"))
+        return self.decode(stream["prev_output_tokens"], enc, stream.get("code_masks"))
+
+    def num_parameters(self) -> int:
+        """Learnable parameters, the tied embedding counted once (as OFA's published counts)."""
+        return sum(p.numel() for p in self.parameters())

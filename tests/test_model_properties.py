@@ -1,0 +1,144 @@
+"""Model properties on a small random OFA: causality, padding invariance, mixed batches, patch sampling."""
+import pytest
+import torch
+
+from ofa_ds.config import ModelConfig
+from ofa_ds.model.convert import CheckpointError, load_strict
+from ofa_ds.model.ofa import OFAModel
+
+V = 300
+
+
+def small(**kw):
+    base = dict(embed_dim=64, ffn_dim=128, heads=2, encoder_layers=1, decoder_layers=2, resnet="resnet18",
+                vocab_size=V, dropout=0.0, encoder_drop_path=0.0, decoder_drop_path=0.0, attn_backend="reference")
+    return ModelConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return OFAModel(small()).eval()
+
+
+def batch(B=2, L=7, T=6, R=64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(4, V, (B, L), generator=g)
+    src[:, 0], src[:, -1] = 0, 2
+    prev = torch.randint(4, V, (B, T), generator=g)
+    prev[:, 0] = 0
+    return dict(src_tokens=src, prev_output_tokens=prev, patch_images=torch.randn(B, 3, R, R, generator=g),
+                patch_masks=torch.ones(B, dtype=torch.bool))
+
+
+def run(model, **s):
+    with torch.no_grad():
+        return model(s)
+
+
+def test_decoder_is_causal(model):
+    s = batch()
+    base = run(model, **s)
+    for t in range(1, s["prev_output_tokens"].shape[1]):
+        prev = s["prev_output_tokens"].clone()
+        prev[:, t] = (prev[:, t] + 17) % (V - 4) + 4
+        out = run(model, **{**s, "prev_output_tokens": prev})
+        assert torch.equal(out[:, :t], base[:, :t]), t
+        assert not torch.allclose(out[:, t:], base[:, t:])
+
+
+def test_padding_invariance(model):
+    s = batch()
+    base = run(model, **s)
+    pad = lambda x, n: torch.cat([x, torch.ones(x.shape[0], n, dtype=x.dtype)], 1)  # noqa: E731
+    out = run(model, **{**s, "src_tokens": pad(s["src_tokens"], 5), "prev_output_tokens": pad(s["prev_output_tokens"], 3)})
+    torch.testing.assert_close(out[:, :base.shape[1]], base, atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_image_and_text_batch(model):
+    """A pure-text sample (patch_mask False) in a batch with an image sample equals that sample run with
+    no image at all, and the image sample is unaffected by its neighbour."""
+    s = batch()
+    s["patch_masks"] = torch.tensor([True, False])
+    mixed = run(model, **s)
+    alone_text = run(model, src_tokens=s["src_tokens"][1:], prev_output_tokens=s["prev_output_tokens"][1:])
+    alone_img = run(model, **{k: v[:1] for k, v in s.items()})
+    torch.testing.assert_close(mixed[1:], alone_text, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[:1], alone_img, atol=1e-5, rtol=1e-5)
+
+
+def test_code_target_samples(model):
+    """Image-code targets take their own path (code LayerNorm, 2D positions and buckets) per sample."""
+    s = batch(T=9)
+    s["prev_output_tokens"][1, 1:] = torch.arange(200, 208)  # image codes
+    codes = torch.tensor([False, True])
+    mixed = run(model, **s, code_masks=codes)
+    for i in range(2):
+        alone = run(model, **{k: v[i:i + 1] for k, v in s.items()}, code_masks=codes[i:i + 1])
+        torch.testing.assert_close(mixed[i:i + 1], alone, atol=1e-5, rtol=1e-5)
+    as_text = run(model, **s)
+    assert torch.equal(as_text[0], mixed[0]) and not torch.allclose(as_text[1], mixed[1], atol=1e-3)
+
+
+def test_patch_sampling_keeps_positions(model):
+    """Feeding the patches in a random order (each with its own position id) permutes the encoder output."""
+    s = batch(B=2, R=64)  # 4x4 = 16 patches
+    P = 16
+    perm = torch.stack([torch.randperm(P, generator=torch.Generator().manual_seed(i)) for i in range(2)])
+    with torch.no_grad():
+        full = model.encode(s["src_tokens"], s["patch_images"], s["patch_masks"])
+        sampled = model.encode(s["src_tokens"], s["patch_images"], s["patch_masks"], patch_idx=perm)
+    torch.testing.assert_close(sampled.x[:, :P], full.x[:, :P].gather(1, perm[..., None].expand(-1, -1, 64)),
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sampled.x[:, P:], full.x[:, P:], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # a subset: K tokens, positions of the chosen patches
+        sub = model.encode(s["src_tokens"], s["patch_images"], s["patch_masks"], patch_idx=perm[:, :5])
+    assert sub.x.shape[1] == 5 + s["src_tokens"].shape[1]
+
+
+def test_every_parameter_trains():
+    torch.manual_seed(0)
+    model = OFAModel(small(dropout=0.1)).train()  # drop-path off: it may drop the only code sample
+    s = batch(B=3, T=8)
+    s["patch_masks"] = torch.tensor([True, False, True])
+    s["prev_output_tokens"][2, 1:] = torch.arange(200, 207)
+    logits = model({**s, "code_masks": torch.tensor([False, False, True])})
+    logits.float().logsumexp(-1).mean().backward()
+    silent = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not silent, silent
+
+
+def test_frozen_batchnorm_has_no_trainable_affine():
+    m = OFAModel(small(bn_mode="frozen"))
+    names = {n for n, _ in m.named_parameters()}
+    assert not any(".bn" in n or "downsample.1" in n for n in names)
+    assert "encoder.embed_images.bn1.weight" in m.state_dict()  # same keys as the trainable modes
+
+
+def test_image_larger_than_position_grid_is_an_error():
+    m = OFAModel(small(image_bucket_size=16, code_image_size=64)).eval()
+    with pytest.raises(ValueError, match="at most 16x16"):
+        run(m, **batch(R=16 * 17))
+
+
+def test_text_longer_than_positions_is_an_error():
+    m = OFAModel(small(max_positions=64, code_image_size=32)).eval()
+    with pytest.raises(ValueError, match="max_positions=64"):
+        run(m, src_tokens=torch.full((1, 65), 5), prev_output_tokens=torch.zeros(1, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="max_positions=64"):
+        run(m, src_tokens=torch.full((1, 6), 5), prev_output_tokens=torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_bad_checkpoint_lists_every_problem():
+    m = OFAModel(small())
+    sd = m.state_dict()
+    sd.pop("encoder.pos_ln.weight")
+    sd.pop("decoder.layers.1.ffn.fc2.bias")
+    sd["encoder.extra.weight"] = torch.zeros(1)
+    sd["embed_tokens.weight"] = torch.zeros(V + 5, 64)
+    with pytest.raises(CheckpointError) as e:
+        load_strict(m, sd)
+    msg = str(e.value)
+    for needle in ["2 missing", "encoder.pos_ln.weight", "decoder.layers.1.ffn.fc2.bias", "1 unexpected",
+                   "encoder.extra.weight", "1 mis-shaped", "embed_tokens.weight: checkpoint (305, 64) vs model (300, 64)"]:
+        assert needle in msg
