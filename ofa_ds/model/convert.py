@@ -190,7 +190,12 @@ def resize_vocab(sd: dict, vocab_size: int, seed: int = 0) -> dict:
 
 def load_strict(model: torch.nn.Module, sd: dict) -> None:
     """load_state_dict that first lists every missing, unexpected and mis-shaped key, never a partial load."""
-    want = model.state_dict()
+    check_keys(model.state_dict(), sd)
+    model.load_state_dict(sd, strict=True)
+
+
+def check_keys(want: dict, sd: dict) -> None:
+    """Raise CheckpointError listing every key of `sd` that is missing, unexpected or mis-shaped against `want`."""
     missing = sorted(set(want) - set(sd))
     unexpected = sorted(set(sd) - set(want))
     shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(want[k].shape)}"
@@ -201,7 +206,6 @@ def load_strict(model: torch.nn.Module, sd: dict) -> None:
             if items:
                 lines.append(f"{len(items)} {title} key(s):\n  " + "\n  ".join(items))
         raise CheckpointError("checkpoint does not fit the model:\n" + "\n".join(lines))
-    model.load_state_dict(sd, strict=True)
 
 
 def save_safetensors(sd: dict, cfg: ModelConfig, path: str | Path) -> None:

@@ -1,0 +1,108 @@
+"""Forward+backward time and peak memory of one OFA training step, per attention backend. JSON on stdout.
+
+    python benchmarks/model_step.py --preset ofa_tiny --batch 2 --attn reference,sdpa
+    python benchmarks/model_step.py --preset ofa_base --batch 8 --image-size 384 --attn sdpa,triton   # on a GPU
+
+The batch is one v1-style stream: `--batch` samples with an image of `--image-size` px (of which `--patches`
+are kept, as OFA's patch sampling; -1 keeps all), `--src-len` text tokens and `--tgt-len` target tokens. Each
+backend runs in its own process so peak memory (CUDA: max allocated; CPU: peak RSS above the model's
+resident baseline) is not shared between them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def measure(a) -> dict:
+    import torch
+
+    from ofa_ds.config import model_preset
+    from ofa_ds.model.ofa import OFAModel
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+    torch.manual_seed(0)
+    cfg = model_preset(a.preset, attn_backend=a.one)
+    model = OFAModel(cfg).to(dev).train()
+    B, R = a.batch, a.image_size
+    grid = (R // 16) ** 2
+    g = torch.Generator().manual_seed(0)
+    stream = {
+        "src_tokens": torch.randint(4, 50000, (B, a.src_len), generator=g),
+        "prev_output_tokens": torch.randint(4, 50000, (B, a.tgt_len), generator=g),
+        "patch_images": torch.randn(B, 3, R, R, generator=g),
+        "patch_masks": torch.ones(B, dtype=torch.bool),
+    }
+    if 0 < a.patches < grid:
+        stream["patch_idx"] = torch.stack([torch.randperm(grid, generator=g)[:a.patches] for _ in range(B)])
+    stream = {k: v.to(dev) for k, v in stream.items()}
+    target = torch.randint(4, 50000, (B, a.tgt_len), generator=g).to(dev)
+
+    def step():
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+            logits = model(stream)
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten())
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    step()  # warm-up
+    base = rss_mb()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(a.steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base)
+    return {"preset": a.preset, "attn": a.one, "device": dev.type, "dtype": a.dtype, "batch": B, "image_size": R,
+            "patches": a.patches if 0 < a.patches < grid else grid, "src_len": a.src_len, "tgt_len": a.tgt_len,
+            "threads": torch.get_num_threads(), "params": model.num_parameters(),
+            "step_s_median": statistics.median(times), "step_s_all": times,
+            "peak_mem_mb": round(peak, 1), "peak_mem_kind": "cuda max allocated" if dev.type == "cuda"
+            else "peak RSS above the resident model (includes the first steps' allocator growth)"}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="ofa_tiny")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--image-size", type=int, default=384)
+    p.add_argument("--patches", type=int, default=196)
+    p.add_argument("--src-len", type=int, default=40)
+    p.add_argument("--tgt-len", type=int, default=24)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--attn", default="reference,sdpa", help="comma-separated attention backends")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one backend in this process
+    a = p.parse_args()
+    if a.one:
+        print(json.dumps(measure(a)))
+        return
+    results = []
+    for backend in a.attn.split(","):
+        argv = [sys.executable, __file__, *sys.argv[1:], "--one", backend]
+        out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
