@@ -110,21 +110,31 @@ def reference_attention(q, k, v, *, scale, causal=False, key_padding_mask=None, 
     if mask is not None:
         dead = mask.all(-1, keepdim=True)  # (B, 1, Tq, 1): rows with no allowed key
         scores = scores.masked_fill(mask & ~dead, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    # fp32 softmax for half inputs as OFA; float64 stays float64 (the tests' exact reference).
+    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
     out = torch.matmul(probs, v)
     return out if dead is None else out.masked_fill(dead, 0)
 
 
 def sdpa_attention(q, k, v, *, scale, causal=False, key_padding_mask=None, rel_pos=None):
-    """torch SDPA with the bias and masks folded into one float attn_mask."""
+    """torch SDPA with the bias and masks folded into one float attn_mask (a single gather per layer)."""
     mask = _mask(q, k, causal, key_padding_mask)
-    bias = rel_pos.materialize().to(q.dtype) if rel_pos is not None else None
     dead = None
     if mask is not None:
-        dead = mask.all(-1, keepdim=True)
-        neg = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(mask & ~dead, float("-inf"))
-        bias = neg if bias is None else bias + neg
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        dead = mask.all(-1, keepdim=True)  # (B, 1, Tq, 1)
+        mask = mask & ~dead
+    if rel_pos is not None:
+        bias = rel_pos.dense_bias(None if mask is None else mask[:, 0]).to(q.dtype)
+    elif mask is not None:
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(mask, float("-inf"))
+    else:
+        bias = None
+    dv = v.shape[-1]
+    if dv != q.shape[-1] and not (bias is not None and bias.requires_grad):
+        # SDPA's fused kernels want equal q/k/v widths (and take no bias gradient, so a learnable bias runs the
+        # math path anyway); zero-padding v is cheaper than the math path.
+        v = F.pad(v, (0, q.shape[-1] - dv))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)[..., :dv]
     return out if dead is None else out.masked_fill(dead, 0)
 
 
