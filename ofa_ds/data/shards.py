@@ -1,0 +1,166 @@
+"""Memory-mapped reader of a converted corpus (layout and schemas: schema.py).
+
+    corpus = Corpus("data/ofa_arrow")
+    corpus.vl[i]        # dict row, O(1): bisect over cumulative shard rows, then batch i // batch_rows
+    corpus.negatives.captions[j], corpus.negatives.type2ans["how many"]
+
+Opening reads manifest.json and each shard's footer only (size, Arrow validity, schema, row count); no
+row data is touched and nothing is copied into memory, so start-up and resident memory do not grow with
+the data. `verify()` checks every shard's sha256. A reader opened before `fork` (DataLoader workers)
+re-opens its shards lazily in the child; pickling drops the open shards.
+"""
+from __future__ import annotations
+
+import bisect
+import ctypes
+import functools
+import itertools
+import json
+import mmap
+import os
+from pathlib import Path
+
+import pyarrow as pa
+
+from ofa_ds.data.schema import MANIFEST, SCHEMA_VERSION, SOURCES, TSV_SOURCES, schema, sha256
+
+
+class CorpusError(Exception):
+    pass
+
+
+class Corpus:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        path = self.root / MANIFEST
+        try:
+            self.manifest = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise CorpusError(f"{path}: missing (convert the TSVs with `ofa-ds tsv2arrow` first)") from None
+        except ValueError as e:
+            raise CorpusError(f"{path}: not valid JSON ({e})") from None
+        version = self.manifest.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise CorpusError(f"{path}: schema version {version}, this ofa_ds reads {SCHEMA_VERSION}; re-convert")
+        batch_rows, sources = self.manifest["batch_rows"], self.manifest["sources"]
+        self.tables = {s: Table(self.root, s, sources.get(s, {}).get("shards", []), batch_rows) for s in SOURCES}
+        self.vl, self.text, self.image, self.detection = (self.tables[s] for s in TSV_SOURCES)
+        self.negatives = Negatives(self.tables)
+
+    def verify(self) -> None:
+        """Full check: every shard's sha256 against the manifest (reads all data)."""
+        for t in self.tables.values():
+            for path, entry in zip(t.paths, t.entries):
+                if sha256(path) != entry["sha256"]:
+                    raise CorpusError(f"{path}: sha256 differs from {self.root / MANIFEST}: the shard was altered")
+
+
+class Table:
+    """One source's shards as a sequence of row dicts."""
+
+    def __init__(self, root: Path, source: str, entries: list[dict], batch_rows: int):
+        self.source, self.entries, self.batch_rows = source, entries, batch_rows
+        self.paths = [root / e["file"] for e in entries]
+        self.starts = list(itertools.accumulate((e["rows"] for e in entries), initial=0))  # (shards + 1,)
+        self._readers: dict[int, pa.ipc.RecordBatchFileReader] = {}
+        self._pid = os.getpid()
+        for k in range(len(entries)):
+            self._reader(k)
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, i: int) -> dict:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"{self.source} row {i} out of range for {n} rows")
+        i %= n
+        k = bisect.bisect_right(self.starts, i) - 1
+        j = i - self.starts[k]
+        batch = self._reader(k).get_batch(j // self.batch_rows)
+        return batch.slice(j % self.batch_rows, 1).to_pylist()[0]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_readers": {}}
+
+    def _reader(self, k: int) -> pa.ipc.RecordBatchFileReader:
+        if self._pid != os.getpid():  # forked: do not share Arrow objects with the parent
+            self._readers, self._pid = {}, os.getpid()
+        if k not in self._readers:
+            self._readers[k] = self._open(k)
+        return self._readers[k]
+
+    def _open(self, k: int) -> pa.ipc.RecordBatchFileReader:
+        path, entry = self.paths[k], self.entries[k]
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise CorpusError(f"{path}: missing (listed in the manifest)") from None
+        if size != entry["bytes"]:
+            raise CorpusError(f"{path}: {size} bytes, the manifest says {entry['bytes']}: truncated or altered")
+        try:
+            reader = pa.ipc.open_file(_map(path, size))
+        except pa.ArrowException as e:
+            raise CorpusError(f"{path}: not a valid Arrow IPC file ({e}): altered or corrupt") from None
+        if not reader.schema.equals(schema(self.source), check_metadata=True):
+            raise CorpusError(f"{path}: schema differs from ofa_ds's {self.source!r} schema v{SCHEMA_VERSION}")
+        rows, b = entry["rows"], self.batch_rows
+        nb = reader.num_record_batches
+        if nb != -(-rows // b) or (nb and reader.get_batch(nb - 1).num_rows != rows - (nb - 1) * b):
+            raise CorpusError(f"{path}: does not hold the {rows} rows in batches of {b} the manifest lists")
+        return reader
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+
+class _Mapping:
+    """A read-only mapping of a whole file for random access. Unlike pa.memory_map it holds no file
+    descriptor (a corpus may have more shards than the descriptor limit) and does not madvise(WILLNEED)
+    each range read (which pages in the whole file at open, or a whole record batch per row); and
+    MADV_RANDOM stops the kernel from reading megabytes around each page fault."""
+
+    def __init__(self, path: Path, size: int):
+        with open(path, "rb") as f:
+            self.addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
+        if self.addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), f"mmap failed: {os.strerror(ctypes.get_errno())}", str(path))
+        self.size, self._munmap = size, _libc.munmap  # still reachable in __del__ at interpreter exit
+        _libc.madvise(self.addr, size, mmap.MADV_RANDOM)
+
+    def __del__(self):
+        self._munmap(self.addr, self.size)
+
+
+def _map(path: Path, size: int) -> pa.Buffer:
+    m = _Mapping(path, size)
+    return pa.foreign_buffer(m.addr, size, base=m)
+
+
+class Negatives:
+    """OFA's negative-sample pools: caption and object sequences and the type2ans dict."""
+
+    def __init__(self, tables: dict[str, Table]):
+        self.captions, self.objects = Column(tables["captions"], "caption"), Column(tables["objects"], "object")
+        self._type2ans = tables["type2ans"]
+
+    @functools.cached_property
+    def type2ans(self) -> dict[str, list[str]]:
+        return {r["answer_type"]: r["answers"] for r in self._type2ans}
+
+
+class Column:
+    """One string column of a table as a sequence."""
+
+    def __init__(self, table: Table, name: str):
+        self.table, self.name = table, name
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, i: int) -> str:
+        return self.table[i][self.name]
