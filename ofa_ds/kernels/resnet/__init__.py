@@ -7,23 +7,41 @@ place (momentum, unbiased variance, as torch's BatchNorm2d); with `sync_group` t
 over that process group first (the `sync` BatchNorm mode). training=False uses the running statistics
 (eval, and the `frozen` mode whose weight and bias are buffers).
 
-backend: "torch", "cuda" (the csrc/resnet extension) or None/"auto" (the extension on CUDA tensors where
-it is built, torch ops elsewhere).
+backend: "torch", "cuda" (the csrc/resnet extension) or "auto" (the extension on CUDA tensors of the
+kernels' dtypes where it is built, torch ops elsewhere); None means the default, "auto" unless set by
+`use_backend`.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "torch", "cuda")
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_default_backend = "auto"
+
+
+@contextlib.contextmanager
+def use_backend(backend: str):
+    """Sets the backend of calls that pass none (the ResNet's), e.g. to compare or benchmark the paths."""
+    global _default_backend
+    if backend not in BACKENDS:
+        raise ValueError(f"resnet kernel backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    previous, _default_backend = _default_backend, backend
+    try:
+        yield
+    finally:
+        _default_backend = previous
 
 
 def batch_norm_act(x, weight, bias, running_mean, running_var, *, training: bool, momentum: float = 0.1,
                    eps: float = 1e-5, residual=None, relu: bool = True, sync_group=None, backend: str | None = None):
-    backend = backend or "auto"
+    backend = backend or _default_backend
     if backend not in BACKENDS:
         raise ValueError(f"resnet kernel backend {backend!r}; valid: {', '.join(BACKENDS)}")
-    if backend == "cuda" or (backend == "auto" and x.is_cuda and extension_available()):
+    if backend == "cuda" or (backend == "auto" and x.is_cuda and x.dtype in FUSED_DTYPES and extension_available()):
         from .cuda_ext import cuda_batch_norm_act
 
         return cuda_batch_norm_act(x, weight, bias, running_mean, running_var, training=training,
@@ -74,4 +92,4 @@ def _sync_batch_norm(x, weight, bias, running_mean, running_var, momentum, eps, 
     return (xf * scale[None, :, None, None] + shift[None, :, None, None]).to(x.dtype)
 
 
-__all__ = ["batch_norm_act", "torch_batch_norm_act", "extension_available"]
+__all__ = ["batch_norm_act", "torch_batch_norm_act", "extension_available", "use_backend"]
