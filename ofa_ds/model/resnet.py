@@ -15,16 +15,18 @@ OUT_CHANNELS = 1024  # stage-3 output: 4 x 256
 
 
 class BatchNorm2d(nn.Module):
-    """BatchNorm2d (eps 1e-5, momentum 0.1) in one of three modes, with an optional fused residual add + ReLU.
+    """BatchNorm2d (momentum 0.1) in one of three modes, with an optional fused residual add + ReLU.
 
-    batch:  per-rank batch statistics, as OFA pretrains;
-    sync:   statistics summed over `sync_group` (default: the whole world) before normalising;
+    batch:  per-rank batch statistics, as OFA pretrains (eps 1e-5);
+    sync:   statistics combined over `sync_group` (default: the whole world) before normalising; eps 1e-3 as
+            OFA's --sync-bn (SyncBatchNorm(eps=1e-3));
     frozen: running statistics and a fixed affine (weight and bias are buffers), in training too.
     """
 
     def __init__(self, channels: int, mode: str = "batch"):
         super().__init__()
         self.mode = mode
+        self.eps = 1e-3 if mode == "sync" else 1e-5
         self.sync_group = None
         if mode == "frozen":
             self.register_buffer("weight", torch.ones(channels))
@@ -44,7 +46,7 @@ class BatchNorm2d(nn.Module):
         if training and self.mode == "sync" and dist.is_available() and dist.is_initialized():
             group = self.sync_group or dist.group.WORLD
         return batch_norm_act(x, self.weight, self.bias, self.running_mean, self.running_var, training=training,
-                              momentum=0.1, eps=1e-5, residual=residual, relu=relu, sync_group=group)
+                              momentum=0.1, eps=self.eps, residual=residual, relu=relu, sync_group=group)
 
 
 def conv(cin: int, cout: int, k: int, stride: int = 1) -> nn.Conv2d:
