@@ -11,7 +11,12 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("ofa_ds.model.convert_cli", "convert an OFA fairseq checkpoint to ofa_ds / safetensors and back"),
-    "smoke": ("ofa_ds.model.smoke", "build a preset, run one forward+backward on random inputs, print a summary"),
+    "tsv2arrow": ("ofa_ds.data.tsv2arrow", "convert OFA pretraining TSVs into memory-mapped Arrow shards + manifest"),
+    "make-sample-corpus": ("ofa_ds.data.sample_corpus", "write a small synthetic corpus in OFA's TSV layout"),
+    "train-tokenizer": ("data_tools.train_tokenizer", "train a sentencepiece tokenizer (OFA's vocab layout) on corpus text"),
+    "pretrain": ("ofa_ds.train.pretrain", "pretrain OFA with DeepSpeed (run under deepspeed/torchrun, or alone for one process)"),
+    "export": ("ofa_ds.train.export", "export a (ZeRO) checkpoint to consolidated safetensors and/or an OFA checkpoint"),
+    "env": ("ofa_ds.train.env", "report versions, accelerator, distributed backend and compiled extensions"),
 }
 
 

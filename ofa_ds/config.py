@@ -263,3 +263,85 @@ class DataConfig:
 
 
 __all__.append("DataConfig")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: batch geometry, learning-rate schedule, evaluation, checkpoints, logging.
+
+    Batches count VL rows (each gives two v1 examples; every 8th row of a rank adds four v2 extras).
+    The optimizer (AdamW, peak lr, betas, weight decay), gradient clipping, ZeRO stage and precision are
+    DeepSpeed's and live in the DeepSpeed config."""
+
+    steps: int = 1000  # optimizer updates
+    global_batch: int = 8  # VL rows per update over all ranks = micro_batch x data-parallel ranks x accumulation
+    micro_batch: int = 4  # VL rows per rank per forward/backward
+    warmup_ratio: float = 0.01  # warmup updates = int(warmup_ratio x steps) (OFA_SPEC 7)
+    lr_power: float = 1.0  # polynomial decay power after warmup; 1 = linear (OFA)
+    end_lr: float = 0.0
+    seed: int = 1  # model init and dropout; data order and augmentation use data.seed
+    log_every: int = 10
+    eval_every: int = 0  # updates between validations on val_corpus; 0 = never
+    eval_batches: int = 4  # validation micro-batches per rank
+    save_every: int = 500  # updates between checkpoints (one is also written at the end and on SIGTERM/SIGINT)
+    keep_last: int = 3  # checkpoints kept; older ones are deleted once a newer one is complete
+    peak_tflops: float | None = None  # per device, for MFU; None: A100/H100 table, or a measured GEMM rate on CPU
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        _check_types(self)
+        for k in ("steps", "global_batch", "micro_batch", "log_every", "eval_batches", "save_every", "keep_last"):
+            if getattr(self, k) <= 0:
+                raise ConfigError(f"train.{k} must be positive, got {getattr(self, k)}")
+        if self.eval_every < 0:
+            raise ConfigError(f"train.eval_every={self.eval_every} must be >= 0 (0 = no validation)")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ConfigError(f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1]")
+        if self.lr_power <= 0 or self.end_lr < 0:
+            raise ConfigError(f"train.lr_power={self.lr_power} must be > 0 and train.end_lr={self.end_lr} >= 0")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ConfigError(f"train.peak_tflops={self.peak_tflops} must be positive")
+
+    def accumulation(self, dp_size: int) -> int:
+        """Micro-batches per update; an error naming the keys if the geometry does not divide."""
+        per_step = self.micro_batch * dp_size
+        if self.global_batch % per_step:
+            raise ConfigError(f"train.global_batch={self.global_batch} is not divisible by train.micro_batch="
+                              f"{self.micro_batch} x {dp_size} data-parallel rank(s) = {per_step}")
+        return self.global_batch // per_step
+
+
+@dataclass
+class RunConfig:
+    """One `ofa-ds pretrain` run. Relative paths are relative to the working directory."""
+
+    model: str = "ofa_tiny"  # preset name (ofa_ds.config.PRESETS)
+    model_overrides: dict = dataclasses.field(default_factory=dict)  # ModelConfig fields replacing the preset's
+    corpus: str = ""  # converted corpus directory (manifest.json from `ofa-ds tsv2arrow`)
+    val_corpus: str | None = None  # held-out corpus for train.eval_every
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)  # incl. the tokenizer
+    deepspeed: str = "configs/ds/cpu_demo.json"
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    out_dir: str = "runs/ofa"  # checkpoints/, tb/, metrics.jsonl, config.yaml
+    init_from: str | None = None  # OFA checkpoint (.pt) or ofa_ds export (.safetensors) to start from
+
+    def __post_init__(self):
+        _check_types(self)
+        if not self.corpus:
+            raise ConfigError("corpus: missing (the directory written by `ofa-ds tsv2arrow`)")
+        self.model_config()  # names a bad preset or override now
+
+    def model_config(self) -> ModelConfig:
+        return _from_dict(ModelConfig, {**model_preset(self.model).to_dict(), **self.model_overrides}, "model_overrides")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        return _from_dict(cls, d, "config")
+
+
+__all__ += ["TrainConfig", "RunConfig"]

@@ -1,0 +1,393 @@
+"""Batch building: ofa_ds from Arrow shards vs OFA's way of reading the TSVs (OFA_SPEC 5.2).
+
+    python benchmarks/dataloader.py --work /tmp/ofa_ds_bench --out benchmarks/results/dataloader.json \
+        [--photos a.jpg b.jpg ...]
+
+Throughput (samples/s = VL rows/s; each row gives 2 v1 examples, every 8th row 4 v2 examples more), OFA's
+settings: 384 px v1, 256 px v2, 196 sampled patches, micro-batch 8 rows, on the synthetic sample corpus (and,
+with --photos, the same corpus with its VL and detection images replaced by those photographs):
+- `ofa_ds`: build_loader over the Arrow shards, 0 workers (one core) and 2 workers.
+- `ofa_tsv`: OFA's reader and chain in one process as OFA's scripts run it (num_workers=0): a full line-offset
+  scan of each TSV at start, sequential `readline` per row (row index ignored), tab split, urlsafe base64
+  decode, full PIL decode, resize of the whole image then crop (flip of the whole image for detection),
+  RandAugment on the decoded array, ToTensor + Normalize in torch. Tokenisation, task logic, span masking and
+  collation are ofa_ds's own (HF BPE is faster than OFA's Python BPE, so this favours OFA), and the
+  RandAugment ops are ofa_ds's Pillow ops (OpenCV is not installed).
+Each throughput run happens in a fresh process, repeated; the best repeat is reported with all repeats.
+`per_cpu_s` divides by the process's CPU time, which the other tenants of a shared machine do not inflate.
+
+Start-up (time to first batch, fresh process, files in the page cache) and peak RSS at 1k, 100k and 1M VL rows
+(plus 1/8 as many text, image and detection rows), 32-48 px images. 1k and 100k are generated and converted
+with ofa_ds's tools; 1M is the 100k corpus ten times: TSV lines concatenated, Arrow shards hard-linked and
+listed ten times in the manifest (start-up depends on the number of rows and shards, not on their content).
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+THROUGHPUT = dict(vl_rows=512, text_rows=128, image_rows=64, detection_rows=64)
+MICRO_BATCH = 8
+
+
+# ------------------------------------------------------------------------------------------ corpora
+
+
+def make_corpus(tsv: Path, arrow: Path, **sample) -> None:
+    from ofa_ds.data.sample_corpus import SampleConfig, write_sample_corpus
+    from ofa_ds.data.tsv2arrow import ConvertConfig, convert
+
+    if not (arrow / "manifest.json").exists():
+        shutil.rmtree(tsv, ignore_errors=True)
+        shutil.rmtree(arrow, ignore_errors=True)
+        write_sample_corpus(SampleConfig(out=str(tsv), **sample))
+        convert(ConvertConfig(src=str(tsv), out=str(arrow), workers=2))
+
+
+def with_photos(src_tsv: Path, tsv: Path, arrow: Path, photos: list[str]) -> None:
+    """The corpus with VL and detection images replaced by the photographs (cycled); boxes stay valid when the
+    photos are at least 384 px on each side."""
+    from ofa_ds.data.tsv2arrow import ConvertConfig, convert
+
+    if (arrow / "manifest.json").exists():
+        return
+    shutil.rmtree(tsv, ignore_errors=True)
+    shutil.copytree(src_tsv, tsv)
+    encoded = [base64.urlsafe_b64encode(Path(p).read_bytes()).decode() for p in photos]
+    for name in ("vision_language_examples.tsv", "detection_examples.tsv"):
+        lines = (src_tsv / name).read_text().splitlines()
+        out = []
+        for i, line in enumerate(lines):
+            cols = line.split("\t")
+            cols[1] = encoded[i % len(encoded)]
+            out.append("\t".join(cols))
+        (tsv / name).write_text("\n".join(out) + "\n")
+    convert(ConvertConfig(src=str(tsv), out=str(arrow), workers=2))
+
+
+def replicate(tsv: Path, arrow: Path, out_tsv: Path, out_arrow: Path, times: int) -> None:
+    if (out_arrow / "manifest.json").exists():
+        return
+    shutil.rmtree(out_tsv, ignore_errors=True)
+    shutil.rmtree(out_arrow, ignore_errors=True)
+    shutil.copytree(tsv / "negative_sample", out_tsv / "negative_sample")
+    for f in tsv.glob("*.tsv"):
+        with open(out_tsv / f.name, "wb") as out:
+            for _ in range(times):
+                with open(f, "rb") as src:
+                    shutil.copyfileobj(src, out, 16 << 20)
+    manifest = json.loads((arrow / "manifest.json").read_text())
+    for source, entry in manifest["sources"].items():
+        (out_arrow / source).mkdir(parents=True)
+        shards = []
+        for k in range(times if source in ("vl", "text", "image", "detection") else 1):
+            for s in entry["shards"]:
+                name = s["file"].replace(".arrow", f"-r{k}.arrow")
+                os.link(arrow / s["file"], out_arrow / name)
+                shards.append(dict(s, file=name))
+        entry["shards"], entry["rows"] = shards, sum(s["rows"] for s in shards)
+    manifest["totals"] = {"rows": sum(e["rows"] for e in manifest["sources"].values()),
+                          "shards": sum(len(e["shards"]) for e in manifest["sources"].values()),
+                          "bytes": sum(s["bytes"] for e in manifest["sources"].values() for s in e["shards"])}
+    (out_arrow / "manifest.json").write_text(json.dumps(manifest))
+
+
+# ------------------------------------------------------------------------------------------ OFA's way
+
+
+class OFATable:
+    """data/file_dataset.py: offsets of every line at start; reads the next line whatever index is asked."""
+
+    def __init__(self, path: Path, parse):
+        self.offsets, offset = [], 0
+        with open(path) as fp:
+            for line in fp:
+                self.offsets.append(offset)
+                offset += len(line.encode("utf-8"))
+        self.path, self.parse, self.count = path, parse, 0
+        self.fp = open(path)
+
+    def __len__(self):
+        return len(self.offsets)
+
+    def __getitem__(self, index):
+        if self.count == len(self.offsets):
+            self.fp, self.count = open(self.path), 0
+        cols = self.fp.readline().rstrip("\n").split("\t")
+        self.count += 1
+        return self.parse(cols)
+
+
+def _b64(s: str) -> bytes:
+    return base64.urlsafe_b64decode(s)
+
+
+def _parse_vl(c):
+    uid, image, caption, question, refs, gt, dataset, task = c
+    answers = [{"answer": a.split("|!+")[1], "conf": float(a.split("|!+")[0])} for a in refs.split("&&")] \
+        if task == "qa" else []
+    box = [float(v) for v in refs.strip().split(",")] if task == "visual_grounding" else None
+    return {"uniq_id": uid, "image": _b64(image), "caption": caption, "question": question, "answers": answers,
+            "box": box, "gt_objects": gt.strip().split("&&") if gt.strip() else [], "dataset_name": dataset,
+            "task_type": task}
+
+
+def _parse_detection(c):
+    boxes = []
+    for label in c[2].strip().split("&&"):
+        x0, y0, x1, y1, cat_id, cat = label.strip().split(",", 5)
+        boxes.append({"x0": float(x0), "y0": float(y0), "x1": float(x1), "y1": float(y1), "category_id": cat_id,
+                      "label": cat})
+    return {"image_id": c[0], "image": _b64(c[1]), "boxes": boxes}
+
+
+class OFACorpus:
+    def __init__(self, tsv: Path):
+        from types import SimpleNamespace
+
+        self.vl = OFATable(tsv / "vision_language_examples.tsv", _parse_vl)
+        self.text = OFATable(tsv / "text_examples.tsv", lambda c: {"uniq_id": c[0], "text": c[1]})
+        self.image = OFATable(tsv / "image_examples.tsv", lambda c: {"image_id": c[0], "image": _b64(c[1]),
+                                                                    "codes": [int(x) for x in c[2].split()]})
+        self.detection = OFATable(tsv / "detection_examples.tsv", _parse_detection)
+        neg = tsv / "negative_sample"
+        lines = lambda f: [r.strip() for r in open(neg / f) if r.strip()]  # noqa: E731
+        self.negatives = SimpleNamespace(captions=lines("all_captions.txt"), objects=lines("object.txt"),
+                                         type2ans=json.loads((neg / "type2ans.json").read_text()))
+
+
+def ofa_transforms():
+    """OFA's transform chain shapes (utils/transforms.py, torchvision): whole-image resize, then crop."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ofa_ds.data import transforms as T
+
+    def to_tensor(img):  # torchvision ToTensor + Normalize(0.5, 0.5)
+        x = torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous().float().div(255)
+        return x.sub_(0.5).div_(0.5).numpy()
+
+    def decode(data):
+        return Image.open(io.BytesIO(data)).convert("RGB")
+
+    def resized(img, r, rng):
+        size = int(rng.integers(r, r * 5 // 4 + 1))
+        ow, oh = T.resize_shorter(*img.size, size, r * 7 // 4)
+        return img.resize((ow, oh), Image.BICUBIC)
+
+    def caption_image(data, r, rng):
+        img = resized(decode(data), r, rng)
+        top, left = int(round((img.size[1] - r) / 2.0)), int(round((img.size[0] - r) / 2.0))
+        img = img.crop((left, top, left + r, top + r))
+        img = Image.fromarray(np.array(img))  # RandomAugment(isPIL=True) works on np.array(img)
+        return to_tensor(T.rand_augment(img, rng))
+
+    def grounding_image(data, box, r, rng):
+        img = decode(data)
+        w, h = img.size
+        img = resized(img, r, rng)
+        ow, oh = img.size
+        b = np.asarray(box, dtype=np.float32) * np.array([ow / w, oh / h, ow / w, oh / h], dtype=np.float32)
+        cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
+        left = max(cx - r / 2 + min(ow - cx - r / 2, 0), 0)
+        top = max(cy - r / 2 + min(oh - cy - r / 2, 0), 0)
+        img = img.crop((left, top, left + r, top + r))
+        b = np.clip(b - np.array([left, top, left, top], dtype=np.float32), 0, r)
+        return to_tensor(img), b
+
+    def detection_image(data, boxes, s, rng):
+        img = decode(data)
+        w, h = img.size
+        b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        if rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            b = b[:, [2, 1, 0, 3]] * np.array([-1, 1, -1, 1], np.float32) + np.array([w, 0, w, 0], np.float32)
+        target = round((rng.random() * 0.5 + 1.0) * s)
+        scale = max(target / h, target / w)
+        sh, sw = round(h * scale), round(w * scale)
+        img = img.resize((sw, sh), Image.BICUBIC)
+        b = b * np.array([sw / w, sh / h, sw / w, sh / h], dtype=np.float32)
+        top, left = (int(v) for v in np.floor(np.array([sh - s, sw - s]) * rng.random(2)))
+        img = img.crop((left, top, left + s, top + s))
+        b = np.clip(np.minimum(b - np.array([left, top, left, top], np.float32), s), 0, None)
+        keep = np.flatnonzero((b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1]))
+        return to_tensor(img), b[keep], keep
+
+    def infilling_image(data, s):
+        x = to_tensor(decode(data))
+        x[:, s // 4 : 3 * s // 4, s // 4 : 3 * s // 4] = 0
+        return x
+
+    return SimpleNamespace(caption_image=caption_image, grounding_image=grounding_image,
+                           detection_image=detection_image, infilling_image=infilling_image,
+                           infilling_hole=T.infilling_hole, quantize=T.quantize)
+
+
+def ofa_collate(examples, image_size, pad):
+    """unify_dataset.collate: stack the per-sample float tensors (zeros made per text example), pad tokens."""
+    import numpy as np
+    import torch
+
+    from ofa_ds.data.collate import PAD_MULTIPLE, _pad, _round_up
+
+    images = [torch.from_numpy(e.image) if e.image is not None else torch.zeros(3, image_size, image_size)
+              for e in examples]
+    src_len = _round_up(max(len(e.source) for e in examples), PAD_MULTIPLE)
+    tgt_len = _round_up(max(len(e.target) for e in examples), PAD_MULTIPLE)
+    stream = {
+        "src_tokens": _pad([e.source for e in examples], src_len, pad),
+        "patch_images": torch.stack(images),
+        "patch_masks": torch.tensor([e.image is not None for e in examples]),
+        "prev_output_tokens": _pad([e.prev_output for e in examples], tgt_len, pad),
+        "target": _pad([e.target for e in examples], tgt_len, pad),
+        "code_masks": torch.tensor([e.code_mask for e in examples]),
+        "weights": torch.tensor([e.weight for e in examples], dtype=torch.float32),
+        "task_ids": torch.tensor([e.task for e in examples], dtype=torch.long),
+    }
+    if examples[0].patch_idx is not None:
+        stream["patch_idx"] = torch.from_numpy(np.stack([e.patch_idx for e in examples]))
+    return stream
+
+
+# ------------------------------------------------------------------------------------------ child runs
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def _cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def child(mode: str, path: str, workers: int, batches: int, cfg: dict) -> dict:
+    from ofa_ds.config import DataConfig
+    from ofa_ds.data import loader, tasks
+    from ofa_ds.data.sampler import DistributedVLSampler
+    from ofa_ds.data.shards import Corpus
+    from ofa_ds.data.tokenizer import load_tokenizer
+
+    data_cfg = DataConfig(**cfg)
+    t0 = time.perf_counter()
+    tok = load_tokenizer(data_cfg.tokenizer)
+    t1, rss1 = time.perf_counter(), _rss_mb()
+    if mode == "ofa_ds":
+        corpus = Corpus(path)
+        opened = time.perf_counter()
+        it = iter(loader.build_loader(corpus, tok, data_cfg, dp_rank=0, dp_size=1, micro_batch=MICRO_BATCH,
+                                      consumed_samples=0, num_workers=workers))
+        get = lambda k: next(it)  # noqa: E731
+    else:
+        tasks.transforms, loader.collate = ofa_transforms(), ofa_collate
+        corpus = OFACorpus(Path(path))
+        opened = time.perf_counter()
+        sampler = DistributedVLSampler(len(corpus.vl), dp_rank=0, dp_size=1, micro_batch=MICRO_BATCH, seed=7)
+        get = loader.MicroBatches(corpus, tok, data_cfg, sampler).__getitem__
+    get(0)
+    first = time.perf_counter()
+    out = {"tokenizer_s": t1 - t0, "open_s": opened - t1, "first_batch_s": first - t1,
+           "rss_growth_mb": _rss_mb() - rss1, "rss_mb": _rss_mb()}
+    if batches:
+        get(1)  # warm-up
+        t2, c2 = time.perf_counter(), _cpu_s()
+        for k in range(2, 2 + batches):
+            get(k)
+        wall, cpu = time.perf_counter() - t2, _cpu_s() - c2
+        rows = batches * MICRO_BATCH
+        out.update(rows=rows, wall_s=wall, rows_per_s=rows / wall, rss_mb=_rss_mb(), load_avg=os.getloadavg()[0])
+        if workers == 0:
+            out["rows_per_cpu_s"] = rows / cpu
+    return out
+
+
+def run_child(mode, path, workers=0, batches=0, cfg=None) -> dict:
+    args = [sys.executable, __file__, "--child", json.dumps([mode, str(path), workers, batches, cfg or {}])]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT)
+    if res.returncode:
+        raise RuntimeError(f"child {mode} {path} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def throughput(tsv: Path, arrow: Path, batches: int, repeats: int) -> dict:
+    runs = {
+        "ofa_tsv": [run_child("ofa_tsv", tsv, 0, batches) for _ in range(repeats)],
+        "ofa_ds_0_workers": [run_child("ofa_ds", arrow, 0, batches) for _ in range(repeats)],
+        "ofa_ds_2_workers": [run_child("ofa_ds", arrow, 2, batches) for _ in range(repeats)],
+    }
+    best = {k: max(r["rows_per_s"] for r in v) for k, v in runs.items()}
+    best_cpu = {k: max(r["rows_per_cpu_s"] for r in v) for k, v in runs.items() if "rows_per_cpu_s" in v[0]}
+    return {
+        "rows_per_s": best,
+        "rows_per_cpu_s": best_cpu,
+        "speedup_per_core_wall": best["ofa_ds_0_workers"] / best["ofa_tsv"],
+        "speedup_per_core_cpu": best_cpu["ofa_ds_0_workers"] / best_cpu["ofa_tsv"],
+        "speedup_2_workers_vs_ofa": best["ofa_ds_2_workers"] / best["ofa_tsv"],
+        "runs": runs,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", default="/tmp/ofa_ds_bench", help="corpora are built here once and reused")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dataloader.json"))
+    p.add_argument("--photos", nargs="*", default=[], help="photographs (>= 384 px a side) for a second corpus")
+    p.add_argument("--batches", type=int, default=24, help="micro-batches of 8 rows timed per run")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--startup-rows", type=int, nargs="*", default=[1000, 100_000, 1_000_000])
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(*json.loads(args.child))))
+        return
+
+    work = Path(args.work)
+    result = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "cpus": len(os.sched_getaffinity(0)),
+              "micro_batch_rows": MICRO_BATCH, "throughput": {}, "startup": {}}
+    make_corpus(work / "tp_tsv", work / "tp_arrow", **THROUGHPUT)
+    result["throughput"]["synthetic"] = throughput(work / "tp_tsv", work / "tp_arrow", args.batches, args.repeats)
+    print(json.dumps({k: v for k, v in result["throughput"]["synthetic"].items() if k != "runs"}), flush=True)
+    if args.photos:
+        with_photos(work / "tp_tsv", work / "photo_tsv", work / "photo_arrow", args.photos)
+        result["throughput"]["photos"] = throughput(work / "photo_tsv", work / "photo_arrow", args.batches,
+                                                    args.repeats)
+        result["throughput"]["photos"]["files"] = args.photos
+        print(json.dumps({k: v for k, v in result["throughput"]["photos"].items() if k != "runs"}), flush=True)
+
+    small = dict(min_size=32, max_size=48)
+    for n in args.startup_rows:
+        tsv, arrow = work / f"su{n}_tsv", work / f"su{n}_arrow"
+        if n % 10 == 0 and n // 10 in args.startup_rows and n >= 1_000_000:
+            replicate(work / f"su{n // 10}_tsv", work / f"su{n // 10}_arrow", tsv, arrow, 10)
+        else:
+            make_corpus(tsv, arrow, vl_rows=n, text_rows=n // 8, image_rows=n // 8, detection_rows=n // 8, **small)
+        result["startup"][str(n)] = {"ofa_tsv": run_child("ofa_tsv", tsv), "ofa_ds": run_child("ofa_ds", arrow),
+                                     "tsv_bytes": sum(f.stat().st_size for f in tsv.glob("*.tsv"))}
+        print(json.dumps({n: result["startup"][str(n)]}), flush=True)
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""Image transforms of OFA pretraining with Pillow and numpy (OFA_SPEC 4.4-4.6, 4.9; utils/transforms.py and
+utils/vision_helper.py), each drawing from the per-sample numpy Generator it is given.
+
+Outputs are uint8 (3, R, R) RGB arrays; `normalise_` (called by collate on the batch tensor) then does ToTensor +
+Normalize(0.5, 0.5) bit for bit as torchvision does. Boxes are float32 pixels of the output image, computed in
+float32 as OFA's torch code does. Two things make the chain cheaper than OFA's without moving any pixel: resize
+and crop are one `Image.resize(box=...)` over the kept window, and JPEGs are decoded with `draft` (DCT scaling by
+1/2..1/8) when the decoded image stays at least as large as the resize target. Draft decoding changes pixel values
+slightly (a different low-pass filter), not positions.
+
+For image sizes other than OFA's 384 the v1 resize range scales with it: shorter side in [R, 5R/4], each side
+capped at 7R/4 (384 -> 384..480, cap 672).
+
+Departures from OFA's RandAugment (vision_helper.py, written with OpenCV):
+- AutoContrast stretches [min, max] of each channel to [0, 255] (PIL's definition). OFA's version negates a
+  numpy uint8 minimum, which wraps, so any channel whose minimum is above 0 comes out all 255.
+- Sharpness clips the blend to [0, 255]; OFA casts out-of-range floats to uint8 (wrap-around).
+- Translations are exact 7-pixel shifts (what bilinear sampling at an integer offset gives). Shear and rotate use
+  PIL's bilinear sampling with OpenCV's pixel-index geometry (rotation about (W/2, H/2), shear about the origin);
+  pixels at the border blend with the fill colour slightly differently.
+"""
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageFilter
+
+# As OFA: accept truncated files and images of any size (the corpus is trusted training data).
+ImageFile.LOAD_TRUNCATED_IMAGES = True
+Image.MAX_IMAGE_PIXELS = None
+
+
+def to_chw(img: Image.Image) -> np.ndarray:
+    """RGB image -> uint8 (3, H, W)."""
+    return np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))
+
+
+def normalise_(x: torch.Tensor) -> torch.Tensor:
+    """Pixel values 0..255 (float32) -> [-1, 1] in place, bit for bit as ToTensor + Normalize(0.5, 0.5)."""
+    return x.div_(255).sub_(0.5).div_(0.5)
+
+
+class _Source:
+    """An encoded image: size from the header, decoded lazily (and smaller, for JPEGs, when allowed)."""
+
+    def __init__(self, data: bytes):
+        self.img = Image.open(io.BytesIO(data))
+        self.size = self.img.size  # (w, h) of the original
+
+    def window(self, resized: tuple[int, int], left: float, top: float, out: int) -> Image.Image:
+        """The (out x out) window at (left, top) of the image bicubic-resized to `resized` (w, h)."""
+        img, scale = self.img, 1.0
+        if img.format == "JPEG":
+            drafted = img.draft("RGB", resized)  # keeps the decoded size >= resized
+            if drafted is not None:
+                scale = self.size[0] / drafted[1][2]
+        img = img.convert("RGB") if img.mode != "RGB" else img
+        sx = self.size[0] / resized[0] / scale  # decoded pixels per resized pixel
+        sy = self.size[1] / resized[1] / scale
+        box = (left * sx, top * sy, (left + out) * sx, (top + out) * sy)
+        return img.resize((out, out), Image.BICUBIC, box=box)
+
+    def rgb(self) -> Image.Image:
+        return self.img.convert("RGB")
+
+
+def resize_shorter(w: int, h: int, size: int, max_size: int) -> tuple[int, int]:
+    """OFA's RandomResize target (w, h): shorter side -> size, aspect kept (int()), each side capped."""
+    if (w <= h and w == size) or (h <= w and h == size):
+        return min(w, max_size), min(h, max_size)
+    if w < h:
+        ow, oh = size, int(size * h / w)
+    else:
+        ow, oh = int(size * w / h), size
+    return min(ow, max_size), min(oh, max_size)
+
+
+def _random_resize(src: _Source, r: int, rng: np.random.Generator) -> tuple[int, int]:
+    size = int(rng.integers(r, r * 5 // 4 + 1))
+    return resize_shorter(*src.size, size, r * 7 // 4)
+
+
+def caption_image(data: bytes, r: int, rng: np.random.Generator) -> np.ndarray:
+    """Captioning / VQA / ITM (OFA_SPEC 4.9): random resize, centre crop r x r, RandAugment."""
+    src = _Source(data)
+    ow, oh = _random_resize(src, r, rng)
+    top, left = int(round((oh - r) / 2.0)), int(round((ow - r) / 2.0))
+    return to_chw(rand_augment(src.window((ow, oh), left, top, r), rng))
+
+
+def grounding_image(data: bytes, box, r: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Visual grounding (OFA_SPEC 4.6): random resize, r x r crop centred on the box (kept inside the image),
+    box clipped to the crop (never dropped). Returns the image and the float32 box."""
+    src = _Source(data)
+    w, h = src.size
+    ow, oh = _random_resize(src, r, rng)
+    b = np.asarray(box, dtype=np.float32) * np.array([ow / w, oh / h, ow / w, oh / h], dtype=np.float32)
+    cx, cy = (float(b[0]) + float(b[2])) / 2, (float(b[1]) + float(b[3])) / 2
+    left = max(cx - r / 2 + min(ow - cx - r / 2, 0), 0)
+    top = max(cy - r / 2 + min(oh - cy - r / 2, 0), 0)
+    img = src.window((ow, oh), round(left), round(top), r)  # PIL's crop rounds a float box
+    b = np.clip(b - np.array([left, top, left, top], dtype=np.float32), 0, np.float32(r))
+    return to_chw(img), b
+
+
+def detection_image(data: bytes, boxes, s: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray,
+                                                                                   np.ndarray]:
+    """Detection (OFA_SPEC 4.5): horizontal flip (p 0.5), large-scale jitter to s x s (scale U[1, 1.5]), boxes
+    shifted and clipped, empty ones dropped. Returns the image, the float32 (N, 4) boxes kept and their indices."""
+    src = _Source(data)
+    w, h = src.size
+    b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    flip = rng.random() < 0.5
+    if flip:
+        b = b[:, [2, 1, 0, 3]] * np.array([-1, 1, -1, 1], dtype=np.float32) + np.array([w, 0, w, 0], dtype=np.float32)
+    jitter = np.float32(rng.random()) * np.float32(0.5) + np.float32(1.0)
+    target = np.round(jitter * np.float32(s))
+    scale = max(target / np.float32(h), target / np.float32(w))
+    sh, sw = (int(v) for v in np.round(np.array([h, w], dtype=np.float32) * scale))
+    b = b * np.array([sw / w, sh / h, sw / w, sh / h], dtype=np.float32)
+    top, left = (int(v) for v in np.floor(np.array([sh - s, sw - s], dtype=np.float32) * rng.random(2, np.float32)))
+    # The flip is applied to the window instead of the whole image: mirror the window's position.
+    img = src.window((sw, sh), sw - left - s if flip else left, top, s)
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    b = b - np.array([left, top, left, top], dtype=np.float32)
+    b = np.clip(np.minimum(b, np.float32(s)), 0, None)
+    keep = np.flatnonzero((b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1]))
+    return to_chw(img), b[keep], keep
+
+
+def infilling_image(data: bytes, s: int) -> np.ndarray:
+    """Image infilling (OFA_SPEC 4.4): the s x s image, resized if the row's image has another size. The caller
+    blanks the centre (`infilling_hole`) after normalisation."""
+    img = _Source(data).rgb()
+    if img.size != (s, s):
+        img = img.resize((s, s), Image.BICUBIC)
+    return to_chw(img)
+
+
+def infilling_hole(s: int) -> tuple[int, int, int, int]:
+    """The centre s/2 x s/2 (x0, y0, x1, y1) that image infilling sets to 0 after normalisation."""
+    return s // 4, s // 4, 3 * s // 4, 3 * s // 4
+
+
+def quantize(coords: np.ndarray, max_image_size: int, num_bins: int) -> list[int]:
+    """Bin index of each coordinate: round(c / max_image_size * (num_bins - 1)), half to even, in float32."""
+    q = np.round(np.asarray(coords, dtype=np.float32) / np.float32(max_image_size) * np.float32(num_bins - 1))
+    return q.astype(np.int64).tolist()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# RandAugment (OFA's variant: 2 ops with replacement, each applied with probability 0.5, magnitude 7 of 10)
+
+FILL = (128, 128, 128)
+_LEVEL = 7 / 10
+_ENHANCE = _LEVEL * 1.8 + 0.1  # 1.36
+_SHEAR = _LEVEL * 0.3  # 0.21
+_TRANSLATE = round(_LEVEL * 10)  # 7 px: an integer shift
+_ROTATE = _LEVEL * 30.0  # 21 degrees
+
+
+def rand_augment(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    for op in rng.integers(len(RAND_AUGMENT_OPS), size=2):
+        if rng.random() > 0.5:
+            continue
+        img = RAND_AUGMENT_OPS[op](img, rng)
+    return img
+
+
+def _signed(v: float, rng: np.random.Generator) -> float:
+    return -v if rng.random() > 0.5 else v
+
+
+def _identity(img, rng):
+    return img
+
+
+def _auto_contrast(img, rng):
+    hist = np.asarray(img.histogram()).reshape(3, 256)
+    lut = []
+    for ch in hist:
+        nz = np.flatnonzero(ch)
+        low, high = int(nz[0]), int(nz[-1])
+        if high <= low:
+            table = np.arange(256)
+        else:
+            scale = 255 / (high - low)
+            table = np.arange(256) * scale - low * scale
+        lut.extend(table.clip(0, 255).astype(np.uint8).tolist())
+    return img.point(lut)
+
+
+def _equalize(img, rng):
+    hist = np.asarray(img.histogram(), dtype=np.int64).reshape(3, 256)
+    lut = []
+    for ch in hist:
+        step = ch[ch != 0][:-1].sum() // 255
+        if step == 0:
+            lut.extend(range(256))
+            continue
+        n = np.concatenate([[step // 2], ch[:-1]])
+        lut.extend((np.cumsum(n) // step).clip(0, 255).astype(np.uint8).tolist())
+    return img.point(lut)
+
+
+_BRIGHTNESS_LUT = (np.arange(256, dtype=np.float32) * np.float32(_ENHANCE)).clip(0, 255).astype(np.uint8).tolist() * 3
+
+
+def _brightness(img, rng):
+    return img.point(_BRIGHTNESS_LUT)
+
+
+def _sharpness(img, rng):
+    # OFA: smooth + factor * (img - smooth) with the (1 1 1; 1 5 1; 1 1 1)/13 kernel (PIL's SMOOTH), border
+    # pixels unchanged; PIL's 3x3 filter copies the border, and blend truncates like OFA's uint8 cast.
+    return Image.blend(img.filter(ImageFilter.SMOOTH), img, _ENHANCE)
+
+
+def _affine(img: Image.Image, m) -> Image.Image:
+    """Warp by OpenCV-style forward matrix m (2 x 3, pixel indices) with bilinear sampling."""
+    inv = np.linalg.inv(np.vstack([np.asarray(m, dtype=np.float64), [0, 0, 1]]))[:2]
+    # OpenCV samples output pixel (x, y) at inv(x, y); PIL at A(x + 1/2, y + 1/2) - 1/2. Conjugate accordingly.
+    inv[:, 2] += 0.5 - 0.5 * (inv[:, 0] + inv[:, 1])
+    return img.transform(img.size, Image.Transform.AFFINE, inv.reshape(-1).tolist(), Image.Resampling.BILINEAR,
+                         fillcolor=FILL)
+
+
+def _shear_x(img, rng):
+    return _affine(img, [[1, _signed(_SHEAR, rng), 0], [0, 1, 0]])
+
+
+def _shear_y(img, rng):
+    return _affine(img, [[1, 0, 0], [_signed(_SHEAR, rng), 1, 0]])
+
+
+def _shift(img: Image.Image, dx: int, dy: int) -> Image.Image:
+    """out(x, y) = in(x + dx, y + dy), FILL outside: OpenCV's translation by (-dx, -dy) at integer offsets."""
+    a = np.asarray(img)
+    h, w = a.shape[:2]
+    out = np.empty_like(a)
+    out[...] = FILL
+    out[max(-dy, 0) : h - max(dy, 0), max(-dx, 0) : w - max(dx, 0)] = a[max(dy, 0) : h + min(dy, 0),
+                                                                          max(dx, 0) : w + min(dx, 0)]
+    return Image.fromarray(out)
+
+
+def _translate_x(img, rng):
+    return _shift(img, _signed(_TRANSLATE, rng), 0)
+
+
+def _translate_y(img, rng):
+    return _shift(img, 0, _signed(_TRANSLATE, rng))
+
+
+def _rotate(img, rng):
+    deg = _signed(_ROTATE, rng)
+    a, b = math.cos(math.radians(deg)), math.sin(math.radians(deg))
+    cx, cy = img.size[0] / 2, img.size[1] / 2
+    # cv2.getRotationMatrix2D(centre, deg, 1): counter-clockwise on screen for positive degrees.
+    return _affine(img, [[a, b, (1 - a) * cx - b * cy], [-b, a, b * cx + (1 - a) * cy]])
+
+
+# OFA's op list, in its order.
+RAND_AUGMENT_OPS = (_identity, _auto_contrast, _equalize, _brightness, _sharpness, _shear_x, _shear_y, _translate_x,
+                    _translate_y, _rotate)

@@ -1,0 +1,149 @@
+import itertools
+
+import pytest
+import torch
+from data_fixtures import small_corpus, vl_row
+
+from ofa_ds.config import ConfigError, DataConfig
+from ofa_ds.data.loader import build_loader
+from ofa_ds.data.tasks import TASKS, DataError
+from ofa_ds.data.tokenizer import load_tokenizer
+
+CFG = DataConfig(image_size=64, extra_image_size=32, sample_patch_num=9)  # 16 patches per v1 image
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("ofa_bpe")
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return small_corpus()
+
+
+def take(loader, n):
+    return list(itertools.islice(loader, n))
+
+
+def assert_same(a, b):
+    assert (a["v2"] is None) == (b["v2"] is None)
+    for s in ("v1", "v2"):
+        if a[s] is None:
+            continue
+        assert a[s].keys() == b[s].keys()
+        for k in a[s]:
+            assert torch.equal(a[s][k], b[s][k]), (s, k)
+
+
+def test_stream_format(tok, corpus):
+    loader = build_loader(corpus, tok, CFG, dp_rank=0, dp_size=1, micro_batch=8, consumed_samples=0, num_workers=0)
+    batch = next(iter(loader))
+    v1, v2 = batch["v1"], batch["v2"]
+    assert v1["src_tokens"].shape[0] == 16 and v2["src_tokens"].shape[0] == 4  # 2 per row; 2 + 1 + 1 extras
+    for s, r in ((v1, 64), (v2, 32)):
+        b, length = s["src_tokens"].shape
+        t = s["target"].shape[1]
+        assert length % 8 == 0 and t % 8 == 0 and s["prev_output_tokens"].shape == (b, t)
+        assert s["patch_images"].shape == (b, 3, r, r) and s["patch_images"].dtype == torch.float32
+        assert s["patch_images"].abs().max() <= 1
+        for k in ("patch_masks", "code_masks"):
+            assert s[k].shape == (b,) and s[k].dtype == torch.bool
+        assert s["weights"].dtype == torch.float32 and s["task_ids"].dtype == torch.long
+        assert (s["src_tokens"][:, 0] == 0).all()
+        # right padding: after a sequence's eos only pad
+        for row in s["src_tokens"]:
+            end = row.tolist().index(2)
+            assert (row[end + 1:] == 1).all()
+        assert (s["prev_output_tokens"][:, 0] == 0).all()
+    assert v1["patch_idx"].shape == (16, 9) and "patch_idx" not in v2
+    assert v1["patch_masks"].all() and not v1["code_masks"].any()
+    assert [TASKS[i] for i in v2["task_ids"]] == ["text_infilling", "text_infilling", "image_infilling", "detection"]
+    assert v2["patch_masks"].tolist() == [False, False, True, True] and v2["code_masks"].tolist() == [0, 0, 1, 0]
+    assert (v2["patch_images"][:2] == 0).all() and v2["weights"].tolist() == [2.0] * 4
+    # image infilling: normalised pixels (as torchvision), centre 16 x 16 of 32 zeroed
+    img = v2["patch_images"][2]
+    assert (img[:, 8:24, 8:24] == 0).all()
+    assert torch.equal(img[:, 0, 0], (torch.tensor([0.0, 100.0, 50.0]) / 255 - 0.5) / 0.5)
+    assert loader.state_dict() == {"consumed_samples": 8}
+
+
+def test_v2_is_none_without_extras(tok, corpus):
+    loader = build_loader(corpus, tok, CFG, dp_rank=0, dp_size=1, micro_batch=4, consumed_samples=0, num_workers=0)
+    assert [b["v2"] is None for b in take(loader, 4)] == [True, False, True, False]
+
+
+@pytest.mark.slow
+def test_same_batches_for_0_1_2_workers(tok, corpus):
+    runs = [take(build_loader(corpus, tok, CFG, dp_rank=1, dp_size=2, micro_batch=4, consumed_samples=0,
+                              num_workers=w), 5) for w in (0, 1, 2)]
+    for batches in runs[1:]:
+        for a, b in zip(runs[0], batches):
+            assert_same(a, b)
+
+
+def test_resume_from_consumed_samples(tok, corpus):
+    kw = dict(dp_rank=0, dp_size=2, micro_batch=4, num_workers=0)
+    loader = build_loader(corpus, tok, CFG, consumed_samples=0, **kw)
+    it = iter(loader)
+    first = [next(it) for _ in range(2)]
+    state = loader.state_dict()
+    assert state == {"consumed_samples": 16}
+    rest = [next(it) for _ in range(3)]  # crosses the epoch boundary (24 rows)
+    resumed = take(build_loader(corpus, tok, CFG, consumed_samples=state["consumed_samples"], **kw), 3)
+    for a, b in zip(rest, resumed):
+        assert_same(a, b)
+    assert not torch.equal(first[0]["v1"]["src_tokens"][:2], first[1]["v1"]["src_tokens"][:2])
+    with pytest.raises(ValueError, match="consumed_samples=12"):
+        build_loader(corpus, tok, CFG, consumed_samples=12, **kw)
+
+
+def test_ranks_differ_and_agree_on_v2(tok, corpus):
+    kw = dict(dp_size=2, micro_batch=4, consumed_samples=0, num_workers=0)
+    r0, r1 = (take(build_loader(corpus, tok, CFG, dp_rank=r, **kw), 4) for r in (0, 1))
+    assert [b["v2"] is None for b in r0] == [b["v2"] is None for b in r1]
+    assert not torch.equal(r0[0]["v1"]["patch_images"], r1[0]["v1"]["patch_images"])
+
+
+def test_bad_row_names_source_row_and_id(tok):
+    from data_fixtures import corpus as make_corpus
+
+    bad = make_corpus([vl_row("qa", uid="q-17", question="q")])
+    loader = build_loader(bad, tok, CFG, dp_rank=0, dp_size=1, micro_batch=1, consumed_samples=0, num_workers=0)
+    with pytest.raises(DataError, match=r"vl row 0 \(id 'q-17'\): DataError: qa row without answers"):
+        next(iter(loader))
+
+
+def test_tokenizer_must_match_config(tok, corpus):
+    with pytest.raises(ConfigError, match="num_bins=500"):
+        build_loader(corpus, tok, DataConfig(num_bins=500), dp_rank=0, dp_size=1, micro_batch=1)
+
+
+@pytest.mark.slow
+def test_real_corpus_and_tokenizer_cli(tmp_path, tok):
+    """make-sample-corpus -> tsv2arrow -> Corpus -> build_loader (0 and 2 workers); train-tokenizer on it."""
+    import argparse
+
+    from data_tools import train_tokenizer
+    from ofa_ds.data.sample_corpus import SampleConfig, write_sample_corpus
+    from ofa_ds.data.shards import Corpus
+    from ofa_ds.data.tsv2arrow import ConvertConfig, convert
+
+    write_sample_corpus(SampleConfig(out=str(tmp_path / "tsv"), vl_rows=16, text_rows=4, image_rows=2,
+                                     detection_rows=2, min_size=48, max_size=64))
+    convert(ConvertConfig(src=str(tmp_path / "tsv"), out=str(tmp_path / "arrow"), workers=1))
+    corpus = Corpus(tmp_path / "arrow")
+    runs = [take(build_loader(corpus, tok, CFG, dp_rank=0, dp_size=1, micro_batch=8, consumed_samples=0,
+                              num_workers=w), 2) for w in (0, 2)]
+    for a, b in zip(*runs):
+        assert_same(a, b)
+    assert runs[0][0]["v1"]["src_tokens"].shape[0] == 16 and runs[0][0]["v2"]["src_tokens"].shape[0] == 4
+
+    p = argparse.ArgumentParser()
+    train_tokenizer.add_arguments(p)
+    out = tmp_path / "spm"
+    args = p.parse_args([str(out), "--corpus", str(tmp_path / "arrow"), "--vocab-size", "300"])
+    assert train_tokenizer.run(args) == 0
+    sp = load_tokenizer(out, vocab_size=300 + 1 + 8192 + 1000)
+    batch = next(iter(build_loader(corpus, sp, CFG, dp_rank=0, dp_size=1, micro_batch=8, num_workers=0)))
+    assert batch["v1"]["src_tokens"].max() < sp.vocab_size
