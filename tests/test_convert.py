@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from ofa_ds.cli import main
-from ofa_ds.model.convert import CheckpointError, load_any, load_ofa_checkpoint, load_strict, resize_vocab
+from ofa_ds.model.convert import CheckpointError, load_any, load_ofa_checkpoint, load_strict, ofa_to_ofa_ds, resize_vocab
 from ofa_ds.model.ofa import OFAModel
 
 from conftest import ASSETS
@@ -43,3 +43,15 @@ def test_unreadable_checkpoint_names_the_file(tmp_path):
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(CheckpointError, match="list.pt: not a fairseq checkpoint"):
         load_ofa_checkpoint(tmp_path / "list.pt")
+
+
+def test_fused_in_proj_checkpoint_converts_like_separate_projections():
+    """BART-style checkpoints store q/k/v as one in_proj_weight/bias; OFA's loader splits them into thirds."""
+    sd = load_ofa_checkpoint(CKPT)["model"]
+    fused = dict(sd)
+    for k in [k for k in sd if k.endswith(".q_proj.weight") or k.endswith(".q_proj.bias")]:
+        base, kind = k.rsplit(".q_proj.", 1)
+        fused[f"{base}.in_proj_{kind}"] = torch.cat([fused.pop(f"{base}.{p}_proj.{kind}") for p in "qkv"])
+    assert any("encoder_attn.in_proj_weight" in k for k in fused)
+    want, got = ofa_to_ofa_ds(sd), ofa_to_ofa_ds(fused)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
