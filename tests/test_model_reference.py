@@ -35,14 +35,19 @@ def build(ckpt, backend):
 
 
 def assert_close(got, want, what):
-    """abs <= 1e-4 everywhere; rel <= 1e-5 where |value| >= 0.2. Both tensors are O(1) (encoder output std 1,
-    logits std 0.33); below 0.2 float32 rounding alone reaches 1e-5 relative (the original's own fp32 vs fp64
-    difference is up to 2.9e-6 absolute, meta.json "precision")."""
+    """abs <= 1e-4 everywhere, and relative <= 1e-5 where values are not tiny: elementwise where |value| >= 1 (the
+    unit scale of these tensors: encoder output std 1, logits std 0.33, max 2.6), and for the largest error
+    against the tensor's RMS. Smaller values sit at float32's noise floor: the original's own float32 output differs
+    from float64 by up to 2.9e-6 (meta.json "precision"), and ours from it by up to 3.6e-6 depending on the CPU
+    thread count."""
     err = (got - want).abs()
     assert err.max() <= 1e-4, f"{what}: max abs error {err.max():.3g}"
-    big = want.abs() >= 0.2
+    big = want.abs() >= 1
+    assert big.sum() > 0
     rel = (err[big] / want.abs()[big]).max()
-    assert rel <= 1e-5, f"{what}: max relative error {rel:.3g}"
+    assert rel <= 1e-5, f"{what}: max relative error {rel:.3g} where |value| >= 1"
+    rms = want.pow(2).mean().sqrt()
+    assert err.max() / rms <= 1e-5, f"{what}: max error / RMS = {err.max() / rms:.3g}"
 
 
 @pytest.mark.parametrize("backend", ["reference", "sdpa"])

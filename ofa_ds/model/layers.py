@@ -15,22 +15,23 @@ from ofa_ds.kernels.attention import RelPos, fused_attention
 from ofa_ds.kernels.attention.relpos import num_image_buckets, num_text_buckets
 
 
-def linear(din: int, dout: int, bias: bool = True) -> nn.Linear:
-    """nn.Linear with OFA's BERT-style init (N(0, 0.02), zero bias), done at construction (zero.Init-safe)."""
-    m = nn.Linear(din, dout, bias=bias)
-    nn.init.normal_(m.weight, std=0.02)
-    if bias:
-        nn.init.zeros_(m.bias)
-    return m
+class Linear(nn.Linear):
+    """nn.Linear with OFA's BERT-style init (N(0, 0.02), zero bias). The init lives in reset_parameters, which
+    nn.Linear.__init__ calls, so it also holds under deepspeed.zero.Init: that partitions a module's parameters
+    as soon as its __init__ returns, after which in-place inits are no-ops on empty tensors."""
+
+    def reset_parameters(self):
+        nn.init.normal_(self.weight, std=0.02)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
 
-def embedding(n: int, d: int, padding_idx: int | None = None) -> nn.Embedding:
-    m = nn.Embedding(n, d, padding_idx=padding_idx)
-    nn.init.normal_(m.weight, std=0.02)
-    if padding_idx is not None:
-        with torch.no_grad():
-            m.weight[padding_idx].zero_()
-    return m
+class Embedding(nn.Embedding):
+    """nn.Embedding with N(0, 0.02) rows and a zero padding row (zero.Init-safe, as Linear)."""
+
+    def reset_parameters(self):
+        nn.init.normal_(self.weight, std=0.02)
+        self._fill_padding_idx_with_zero()
 
 
 def layer_norm(d: int) -> nn.LayerNorm:
@@ -66,11 +67,11 @@ class Attention(nn.Module):
         self.scale = (cfg.head_dim * cfg.attn_scale_factor) ** -0.5
         self.backend = cfg.attn_backend
         if cross:
-            self.q_proj, self.kv_proj = linear(d, d), linear(d, 2 * d)
+            self.q_proj, self.kv_proj = Linear(d, d), Linear(d, 2 * d)
         else:
-            self.qkv_proj = linear(d, 3 * d)
+            self.qkv_proj = Linear(d, 3 * d)
         self.c_attn = nn.Parameter(torch.ones(self.heads))
-        self.out_proj = linear(d, d)
+        self.out_proj = Linear(d, d)
 
     def _heads(self, x):  # (B, T, D) -> (B, H, T, Dh)
         B, T, _ = x.shape
@@ -107,9 +108,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.fc1 = linear(cfg.embed_dim, cfg.ffn_dim)
+        self.fc1 = Linear(cfg.embed_dim, cfg.ffn_dim)
         self.ffn_layernorm = layer_norm(cfg.ffn_dim)
-        self.fc2 = linear(cfg.ffn_dim, cfg.embed_dim)
+        self.fc2 = Linear(cfg.ffn_dim, cfg.embed_dim)
 
     def forward(self, x):
         return self.fc2(self.ffn_layernorm(gelu(self.fc1(x))))

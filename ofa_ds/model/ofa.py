@@ -6,7 +6,7 @@ Encoder sequence per sample: [image patches ; text tokens]; positions enter only
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -14,12 +14,11 @@ from torch import nn
 
 from ofa_ds.config import ModelConfig
 from ofa_ds.kernels.attention.relpos import KIND_IMAGE, KIND_TEXT, RelPos, text_bucket_lut
-from ofa_ds.model.layers import DecoderLayer, EncoderLayer, embedding, layer_norm, linear
+from ofa_ds.model.layers import DecoderLayer, Embedding, EncoderLayer, Linear, layer_norm
 from ofa_ds.model.resnet import OUT_CHANNELS, ResNet
 
 
-@dataclass
-class EncoderOut:
+class EncoderOut(NamedTuple):  # a tuple, so that ZeRO-3's module hooks see the tensors it returns
     x: torch.Tensor  # (B, S, D) after the final LayerNorm
     padding_mask: torch.Tensor  # (B, S) True = pad token or masked image patch
     pos: torch.Tensor  # (B, S, D) LayerNorm'd position embeddings, for the decoder's cross-attention term
@@ -43,13 +42,13 @@ class Encoder(nn.Module):
         d, n = cfg.embed_dim, cfg.image_bucket_size
         self.cfg = cfg
         self.embed_images = ResNet(cfg.resnet_layers, cfg.bn_mode)
-        self.image_proj = linear(OUT_CHANNELS, d)
-        self.type_embedding = embedding(2, d)  # row 0 text, row 1 image
+        self.image_proj = Linear(OUT_CHANNELS, d)
+        self.type_embedding = Embedding(2, d)  # row 0 text, row 1 image
         self.layernorm_embedding, self.patch_layernorm_embedding = layer_norm(d), layer_norm(d)
-        self.embed_positions = embedding(cfg.max_positions + 2, d)
-        self.embed_image_positions = embedding(n * n + 1, d)
+        self.embed_positions = Embedding(cfg.max_positions + 2, d)
+        self.embed_image_positions = Embedding(n * n + 1, d)
         self.pos_ln, self.image_pos_ln = layer_norm(d), layer_norm(d)
-        self.pos_q_linear, self.pos_k_linear = linear(d, d), linear(d, d)
+        self.pos_q_linear, self.pos_k_linear = Linear(d, d), Linear(d, d)
         rates = torch.linspace(0, cfg.encoder_drop_path, cfg.encoder_layers, device="cpu").tolist()
         self.layers = nn.ModuleList(EncoderLayer(cfg, p) for p in rates)
         self.layer_norm = layer_norm(d)
@@ -110,11 +109,11 @@ class Decoder(nn.Module):
         d, n = cfg.embed_dim, cfg.image_bucket_size
         self.cfg = cfg
         self.layernorm_embedding, self.code_layernorm_embedding = layer_norm(d), layer_norm(d)
-        self.embed_positions = embedding(cfg.max_positions + 2, d)
-        self.embed_image_positions = embedding(n * n + 1, d)
+        self.embed_positions = Embedding(cfg.max_positions + 2, d)
+        self.embed_image_positions = Embedding(n * n + 1, d)
         self.pos_ln, self.image_pos_ln = layer_norm(d), layer_norm(d)
-        self.self_pos_q_linear, self.self_pos_k_linear = linear(d, d), linear(d, d)
-        self.cross_pos_q_linear, self.cross_pos_k_linear = linear(d, d), linear(d, d)
+        self.self_pos_q_linear, self.self_pos_k_linear = Linear(d, d), Linear(d, d)
+        self.cross_pos_q_linear, self.cross_pos_k_linear = Linear(d, d), Linear(d, d)
         rates = torch.linspace(0, cfg.decoder_drop_path, cfg.decoder_layers, device="cpu").tolist()
         self.layers = nn.ModuleList(DecoderLayer(cfg, p) for p in rates)
         self.layer_norm = layer_norm(d)
@@ -159,7 +158,7 @@ class OFAModel(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.embed_tokens = embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=cfg.pad_id)  # tied in and out
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=cfg.pad_id)  # tied in and out
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         self.register_buffer("text_lut", text_bucket_lut(cfg.token_bucket_size, cfg.max_positions), persistent=False)

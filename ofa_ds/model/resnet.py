@@ -49,10 +49,15 @@ class BatchNorm2d(nn.Module):
                               momentum=0.1, eps=self.eps, residual=residual, relu=relu, sync_group=group)
 
 
+class Conv2d(nn.Conv2d):
+    """Bias-free conv with Kaiming-normal (fan_out, ReLU) init in reset_parameters (zero.Init-safe)."""
+
+    def reset_parameters(self):
+        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+
+
 def conv(cin: int, cout: int, k: int, stride: int = 1) -> nn.Conv2d:
-    c = nn.Conv2d(cin, cout, k, stride, k // 2, bias=False)
-    nn.init.kaiming_normal_(c.weight, mode="fan_out", nonlinearity="relu")
-    return c
+    return Conv2d(cin, cout, k, stride, k // 2, bias=False)
 
 
 class Bottleneck(nn.Module):
