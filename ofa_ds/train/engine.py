@@ -1,0 +1,250 @@
+"""The DeepSpeed side of pretraining: process group, DeepSpeed config, model construction, one update.
+
+The DeepSpeed JSON holds what DeepSpeed does (ZeRO stage and buckets, precision, offload, the AdamW optimizer
+with OFA's settings, gradient clipping); ofa-ds fills in the batch geometry from the run config and drives
+the learning rate with its own schedule. DeepSpeed picks its fused Adam on GPUs and its CPU Adam with
+optimizer offload.
+
+Data-parallel gradients: each micro-batch's loss is already its share of the global step loss (loss.py),
+so gradients must be summed over micro-batches and ranks. DeepSpeed averages over ranks, hence the
+backward of `dp_size * loss` without its 1 / accumulation scaling.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+from ofa_ds.config import ConfigError, ModelConfig, TrainConfig
+from ofa_ds.model.ofa import OFAModel
+from ofa_ds.train import schedule
+from ofa_ds.train.flops import stream_shape, train_flops
+from ofa_ds.train.loss import STREAMS, count_tokens, micro_loss, task_sums, token_nll, weighted_sum
+
+# DeepSpeed keys that ofa-ds owns, and where they are set instead.
+OWNED = {
+    "train_batch_size": "train.global_batch",
+    "train_micro_batch_size_per_gpu": "train.micro_batch",
+    "gradient_accumulation_steps": "train.global_batch / (train.micro_batch x data-parallel ranks)",
+    "scheduler": "train.warmup_ratio / train.lr_power / train.end_lr (the lr schedule is ofa-ds's)",
+}
+REQUIRED = ("optimizer", "gradient_clipping", "zero_optimization")
+
+
+# ---------------------------------------------------------------------------------------------------- config
+
+
+def load_ds_config(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"deepspeed: {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: line {e.lineno}: {e.msg}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return d
+
+
+def ds_config(ds: dict, train: TrainConfig, dp_size: int, where: str) -> dict:
+    """The DeepSpeed config for this run: the JSON checked, plus the batch geometry."""
+    for key, instead in OWNED.items():
+        if key in ds:
+            raise ConfigError(f"{where}: {key!r} is set by ofa-ds from {instead}; remove it")
+    for key in REQUIRED:
+        if key not in ds:
+            raise ConfigError(f"{where}: {key!r} is required (see configs/ds/)")
+    opt = ds["optimizer"]
+    if not isinstance(opt, dict) or opt.get("type", "").lower() not in ("adamw", "adam"):
+        raise ConfigError(f"{where}: optimizer.type must be AdamW (OFA_SPEC 7), got {opt!r}")
+    if zero_stage(ds) not in (1, 2, 3):
+        raise ConfigError(f"{where}: zero_optimization.stage must be 1, 2 or 3, got {zero_stage(ds)!r}")
+    acc = get_accelerator()
+    if ds.get("fp16", {}).get("enabled") and not acc.is_fp16_supported():
+        raise ConfigError(f"{where}: fp16.enabled but the {acc.device_name()} accelerator has no fp16; use bf16 or fp32")
+    if ds.get("bf16", {}).get("enabled") and not acc.is_bf16_supported():
+        raise ConfigError(f"{where}: bf16.enabled but the {acc.device_name()} accelerator has no bf16; use fp16 or fp32")
+    return {**ds, "train_batch_size": train.global_batch, "train_micro_batch_size_per_gpu": train.micro_batch,
+            "gradient_accumulation_steps": train.accumulation(dp_size)}
+
+
+def zero_stage(ds: dict) -> int:
+    return ds.get("zero_optimization", {}).get("stage", 0)
+
+
+def precision(ds: dict) -> str:
+    return "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
+
+
+# ---------------------------------------------------------------------------------------------------- processes
+
+
+# Rank and world-size variables of the launchers: deepspeed / torchrun, OpenMPI, MPICH / Intel MPI.
+_RANK_ENV, _SIZE_ENV = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"), ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+def world_size() -> int:
+    """From the launcher's environment (no launcher: 1), before any process group exists."""
+    return next((int(os.environ[k]) for k in _SIZE_ENV if k in os.environ), 1)
+
+
+def init_distributed() -> str:
+    """Start the process group: nccl on GPUs, gloo on CPU. Without a launcher, a group of one process."""
+    if not any(k in os.environ for k in _RANK_ENV):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    acc = get_accelerator()
+    backend = "nccl" if acc.device_name() == "cuda" else "gloo"
+    if backend == "nccl":
+        acc.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return backend
+
+
+# ---------------------------------------------------------------------------------------------------- model
+
+
+def build_model(cfg: ModelConfig, ds: dict, seed: int) -> OFAModel:
+    """The model, partitioned across ranks while it is built under ZeRO-3 (deepspeed.zero.Init)."""
+    torch.manual_seed(seed)
+    with deepspeed.zero.Init(config_dict_or_path=ds, enabled=zero_stage(ds) == 3):
+        return OFAModel(cfg)
+
+
+ARCH = ("embed_dim", "ffn_dim", "heads", "encoder_layers", "decoder_layers", "resnet", "token_bucket_size",
+        "image_bucket_size", "max_positions")
+
+
+def init_state_dict(path: str | Path, cfg: ModelConfig) -> dict:
+    """Weights to start from: an OFA fairseq checkpoint (through the converter) or an ofa_ds export, of the same
+    architecture; the vocabulary is fitted to cfg.vocab_size by OFA's rule (convert.resize_vocab)."""
+    from ofa_ds.model.convert import CheckpointError, load_any, resize_vocab
+
+    src, sd = load_any(path)
+    diffs = [f"{k}: {getattr(src, k)!r} in the checkpoint, {getattr(cfg, k)!r} in this run"
+             for k in ARCH if getattr(src, k) != getattr(cfg, k)]
+    if diffs:
+        raise CheckpointError(f"init_from {path} has another architecture:\n  " + "\n  ".join(diffs))
+    return resize_vocab(sd, cfg.vocab_size)
+
+
+def load_weights(model: torch.nn.Module, sd: dict) -> None:
+    """Copy a full state dict into a (possibly ZeRO-3 partitioned) model; rank 0's copy is scattered."""
+    from ofa_ds.model.convert import check_keys
+
+    want = {k: torch.empty(getattr(p, "ds_shape", p.shape), device="meta") for k, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    want.update({k: v for k, v in model.state_dict(keep_vars=True).items() if k in buffers})
+    check_keys(want, sd)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=hasattr(p, "ds_id")):
+                if not hasattr(p, "ds_id") or dist.get_rank() == 0:
+                    p.data.copy_(sd[name])
+        for name, b in model.named_buffers():
+            if name in sd:
+                b.copy_(sd[name])
+
+
+def initialize(model: torch.nn.Module, ds: dict, train: TrainConfig):
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=ds,
+        lr_scheduler=lambda opt: schedule.scheduler(opt, steps=train.steps, warmup_ratio=train.warmup_ratio,
+                                                    power=train.lr_power, end_lr=train.end_lr))
+    return engine
+
+
+# ---------------------------------------------------------------------------------------------------- one update
+
+
+@dataclass
+class StepStats:
+    """Global (all ranks) results of one update."""
+
+    loss: float
+    stream_loss: list[float]  # [v1, v2] terms of the loss
+    task_nll: torch.Tensor  # (2, num_tasks) float64: unweighted nll sums, target tokens
+    tokens: list[float]  # non-pad target tokens [v1, v2]
+    examples: float
+    flops: float  # analytic training FLOPs of the update over all ranks
+
+
+def _to_device(stream: dict, device, dtype) -> dict:
+    return {k: v.to(device, dtype=dtype if k == "patch_images" else None, non_blocking=True) for k, v in stream.items()}
+
+
+def train_step(engine, micro_batches: list[dict], *, model_cfg: ModelConfig, num_tasks: int) -> StepStats:
+    """One optimizer update over this rank's micro-batches (forward v1 and v2, backward, DeepSpeed step)."""
+    pad, dp = model_cfg.pad_id, dist.get_world_size()
+    device, dtype = engine.device, _compute_dtype(engine)
+    # Global token counts first: every micro-batch's loss is normalised by them (loss.py).
+    shapes = [stream_shape(b[s]) for b in micro_batches for s in STREAMS if b.get(s) is not None]
+    head = torch.zeros(4, dtype=torch.float64)  # [v1 tokens, v2 tokens, examples, FLOPs]
+    for b in micro_batches:
+        head[:2] += count_tokens(b, pad)
+    head[2] = sum(s.batch for s in shapes)
+    head[3] = train_flops(model_cfg, shapes)
+    head = _all_reduce(head, device)
+    n_tokens = head[:2]
+
+    parts = torch.zeros(2, dtype=torch.float64, device=device)
+    tasks = torch.zeros(2, num_tasks, dtype=torch.float64, device=device)
+    for b in micro_batches:
+        streams = {s: _to_device(b[s], device, dtype) for s in STREAMS if b.get(s) is not None}
+        nll = {s: token_nll(engine(x), x["target"], pad) for s, x in streams.items()}
+        loss, p = micro_loss(nll, streams, n_tokens)
+        engine.backward(loss * dp, scale_wrt_gas=False)
+        engine.step()
+        parts += p
+        for s, x in streams.items():
+            tasks += task_sums(nll[s], x, num_tasks, pad)
+    tail = _all_reduce(torch.cat([parts, tasks.flatten()]), device)
+    return StepStats(loss=float(tail[:2].sum()), stream_loss=tail[:2].tolist(), task_nll=tail[2:].view(2, num_tasks),
+                     tokens=n_tokens.tolist(), examples=float(head[2]), flops=float(head[3]))
+
+
+@torch.no_grad()
+def eval_sums(engine, micro_batches, *, model_cfg: ModelConfig, num_tasks: int) -> torch.Tensor:
+    """Validation sums over all ranks, (2, 2 + num_tasks) float64: row 0 nll sums, row 1 target tokens;
+    columns v1 and v2 (conf-weighted, as the loss), then each task (unweighted)."""
+    pad, device, dtype = model_cfg.pad_id, engine.device, _compute_dtype(engine)
+    out = torch.zeros(2, 2 + num_tasks, dtype=torch.float64, device=device)
+    engine.eval()
+    for b in micro_batches:
+        for i, s in enumerate(STREAMS):
+            if b.get(s) is not None:
+                x = _to_device(b[s], device, dtype)
+                nll = token_nll(engine(x), x["target"], pad)
+                out[0, i] += weighted_sum(nll, x["weights"]).double()
+                out[1, i] += x["target"].ne(pad).sum()
+                out[:, 2:] += task_sums(nll, x, num_tasks, pad)
+    engine.train()
+    return _all_reduce(out, device)
+
+
+def _all_reduce(t: torch.Tensor, device) -> torch.Tensor:
+    t = t.to(device)
+    dist.all_reduce(t)
+    return t.cpu()
+
+
+def _compute_dtype(engine) -> torch.dtype:
+    return torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
+
+
+def loss_scale(engine) -> float | None:
+    return engine.optimizer.loss_scaler.cur_scale if engine.fp16_enabled() else None
+
+
+__all__ = ["load_ds_config", "ds_config", "zero_stage", "precision", "world_size", "init_distributed", "build_model",
+           "init_state_dict", "load_weights", "initialize", "StepStats", "train_step", "eval_sums", "loss_scale"]

@@ -1,0 +1,391 @@
+"""`ofa-ds pretrain CONFIG`: OFA pretraining on DeepSpeed, one process per device.
+
+    deepspeed --num_gpus 8 --no_local_rank --module ofa_ds.cli pretrain configs/runs/ofa_base_a100.yaml
+    torchrun --nproc_per_node 8 -m ofa_ds.cli pretrain configs/runs/ofa_base_a100.yaml --set train.steps=100
+    DS_ACCELERATOR=cpu ofa-ds pretrain configs/runs/quickstart.yaml        # one process, no launcher
+
+Everything that can be checked is checked before the process group starts: the run config (unknown keys,
+types), the DeepSpeed config, the batch geometry against the world size, the corpus manifest, the tokenizer
+against the model, and a checkpoint to resume against the model and world size.
+
+OUT_DIR gets config.yaml (the resolved run config), ds_config.json, metrics.jsonl, tb/ and checkpoints/.
+A checkpoint is written every train.save_every updates, at the end, and when any rank gets SIGTERM or
+SIGINT (after the update in progress). A non-finite loss (or, outside fp16, gradient norm) stops the run
+without saving, so `latest` stays on the last good checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ofa_ds.config import ConfigError, ModelConfig, RunConfig, load_dict, save_dict
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path, help="run config (YAML or JSON), e.g. configs/runs/quickstart.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a run-config key (dotted, value in YAML), e.g. train.steps=100, "
+                        "model_overrides.dropout=0.0; repeatable")
+    p.add_argument("--out-dir", help="same as --set out_dir=...")
+    p.add_argument("--init-from", help="OFA checkpoint (.pt) or ofa_ds export (.safetensors); same as --set init_from=...")
+    p.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
+                   help="continue from CHECKPOINT (a run directory, its checkpoints/ or one step_* directory); "
+                        "without a value, from OUT_DIR if it has a checkpoint, else start fresh")
+    p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by `deepspeed` without --no_local_rank
+
+
+def load_run_config(path: Path, overrides: list[str]) -> RunConfig:
+    import yaml
+
+    d = load_dict(path)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        node = d
+        *parents, leaf = key.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {k} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    return RunConfig.from_dict(d)
+
+
+# ---------------------------------------------------------------------------------------------------- checks
+
+
+@dataclass
+class Plan:
+    """Everything decided before the process group starts."""
+
+    run: RunConfig
+    model: ModelConfig
+    ds: dict
+    out_dir: Path
+    corpus: object
+    val_corpus: object | None
+    tokenizer: object
+    resume: Path | None  # tag directory
+
+
+def prepare(args) -> Plan:
+    from ofa_ds.data.shards import Corpus, CorpusError
+    from ofa_ds.data.tokenizer import load_tokenizer
+    from ofa_ds.train import checkpoint
+    from ofa_ds.train.engine import ds_config, load_ds_config, world_size
+
+    overrides = list(args.overrides)
+    overrides += [f"out_dir={args.out_dir}"] if args.out_dir else []
+    overrides += [f"init_from={args.init_from}"] if args.init_from else []
+    run = load_run_config(args.config, overrides)
+    model = run.model_config()
+    ws = world_size()
+    ds = ds_config(load_ds_config(run.deepspeed), run.train, ws, run.deepspeed)
+    corpora = []
+    for key in ("corpus", "val_corpus"):
+        path = getattr(run, key)
+        try:
+            corpora.append(None if path is None else Corpus(path))
+        except CorpusError as e:
+            raise ConfigError(f"{key}: {e}") from None
+    tokenizer = load_tokenizer(run.data.tokenizer, num_codes=run.data.num_codes, num_bins=run.data.num_bins,
+                               vocab_size=model.vocab_size)
+    if run.init_from and not Path(run.init_from).is_file():
+        raise ConfigError(f"init_from: {run.init_from} does not exist")
+
+    out_dir = Path(run.out_dir)
+    resume = None
+    if args.resume is not None:
+        if args.resume or checkpoint.complete_tags(out_dir / "checkpoints"):
+            resume = checkpoint.find(args.resume or out_dir)
+            diffs = checkpoint.check_resumable(checkpoint.read_meta(resume), run.to_dict(), model.to_dict(), ws, resume)
+            if diffs and int(os.environ.get("RANK", "0")) == 0:
+                print(f"resuming {resume} with a changed run config:\n  " + "\n  ".join(diffs), file=sys.stderr)
+    elif checkpoint.complete_tags(out_dir / "checkpoints"):
+        raise ConfigError(f"out_dir {out_dir} already has checkpoints: pass --resume to continue, or another out_dir")
+    return Plan(run, model, ds, out_dir, corpora[0], corpora[1], tokenizer, resume)
+
+
+# ---------------------------------------------------------------------------------------------------- signals
+
+
+class StopRequest:
+    """SIGTERM / SIGINT ask for a checkpoint and a clean exit after the update in progress."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+
+class Diverged(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------- run
+
+
+def run(args) -> int:
+    from ofa_ds.model.convert import CheckpointError
+
+    try:
+        plan = prepare(args)  # no process group yet: bad input fails here, on every rank alike
+    except ConfigError as e:
+        print(f"ofa-ds pretrain: {e}", file=sys.stderr)
+        return 2
+    _quiet_deepspeed()
+    from ofa_ds.train.engine import init_distributed
+
+    backend = init_distributed()
+    try:
+        return Trainer(plan, backend).fit()
+    except (Diverged, CheckpointError) as e:
+        print(f"ofa-ds pretrain: {e}", file=sys.stderr)
+        return 1
+
+
+def _quiet_deepspeed() -> None:
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+
+
+class Trainer:
+    def __init__(self, plan: Plan, backend: str):
+        import torch.distributed as dist
+
+        from ofa_ds.data.tasks import TASKS
+        from ofa_ds.train import engine as eng
+        from ofa_ds.train.metrics import peak_tflops
+
+        self.plan, self.run_cfg, self.train = plan, plan.run, plan.run.train
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.tasks = TASKS
+        self.backend = backend
+        if self.rank == 0:
+            (plan.out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            save_dict(self.run_cfg.to_dict(), plan.out_dir / "config.yaml")
+            save_dict(plan.ds, plan.out_dir / "ds_config.json")
+
+        model = eng.build_model(plan.model, plan.ds, self.train.seed)
+        if self.run_cfg.init_from and plan.resume is None:
+            eng.load_weights(model, eng.init_state_dict(self.run_cfg.init_from, plan.model))
+        self.engine = eng.initialize(model, plan.ds, self.train)
+        self.step = self.consumed = 0  # updates done, global VL rows consumed (the sampler position)
+        if plan.resume is not None:
+            from ofa_ds.train import checkpoint
+
+            meta = checkpoint.load(self.engine, plan.resume)
+            self.step, self.consumed = meta["step"], meta["consumed_samples"]
+        else:
+            seed = self.train.seed + 1000 * self.rank  # different dropout streams per rank
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed)
+        self.peak, self.peak_source = peak_tflops(self.train.peak_tflops, eng.precision(plan.ds))
+
+    # ------------------------------------------------------------------------------------------------ loop
+
+    def fit(self) -> int:
+        from ofa_ds.data.loader import build_loader
+        from ofa_ds.train.engine import train_step
+        from ofa_ds.train.metrics import Metrics
+
+        plan, train = self.plan, self.train
+        if self.rank == 0:
+            print(self.summary(), flush=True)
+        self.metrics = Metrics(plan.out_dir, rank=self.rank, steps=train.steps, start_step=self.step)
+        stop = StopRequest()
+        loader = build_loader(plan.corpus, plan.tokenizer, self.run_cfg.data, dp_rank=self.rank, dp_size=self.world,
+                              micro_batch=train.micro_batch, consumed_samples=self.consumed)
+        batches = iter(loader)
+        gas = train.accumulation(self.world)
+        validate = train.eval_every > 0 and plan.val_corpus is not None
+        if validate and self.step == 0:
+            self.evaluate()  # the starting point
+        start = saved_step = self.step
+        t_last, window = time.perf_counter(), torch.zeros(4, dtype=torch.float64)  # FLOPs, examples, tokens, updates
+        try:
+            while self.step < train.steps:
+                micro, error = self._fetch(batches, gas)
+                if self._agree_to_stop(stop.signal is not None, error):
+                    self.metrics.print(f"step {self.step}: {stop.signal or 'stop'} received, saving a checkpoint")
+                    break
+                lr = self.engine.get_lr()[0]  # of this update (the scheduler steps inside it)
+                stats = train_step(self.engine, micro, model_cfg=plan.model, num_tasks=len(self.tasks))
+                self.step += 1
+                self.consumed += train.global_batch
+                self._check_finite(stats)
+                window += torch.tensor([stats.flops, stats.examples, sum(stats.tokens), 1.0], dtype=torch.float64)
+                if self.step % train.log_every == 0 or self.step in (start + 1, train.steps):
+                    now = time.perf_counter()
+                    self._log(stats, lr, window / (now - t_last))
+                    t_last, window = now, torch.zeros_like(window)
+                self.metrics.advance(self.step, stats.loss, lr)
+                t0 = time.perf_counter()
+                if validate and self.step % train.eval_every == 0:
+                    self.evaluate()
+                if self.step % train.save_every == 0:
+                    self.save()
+                    saved_step = self.step
+                t_last += time.perf_counter() - t0  # validation and saving are not training throughput
+            if saved_step != self.step:
+                self.save()
+        finally:
+            self.metrics.close()
+        where = (plan.out_dir / "checkpoints").resolve()
+        self.metrics.print(f"done at step {self.step}: checkpoint {where}/latest, tensorboard --logdir "
+                           f"{(plan.out_dir / 'tb').resolve()}, metrics {(plan.out_dir / 'metrics.jsonl').resolve()}")
+        return 0
+
+    def _fetch(self, batches, n: int):
+        """n micro-batches, or the error if the loader failed (e.g. its workers were signalled)."""
+        try:
+            micro = [next(batches) for _ in range(n)]
+        except Exception as e:  # noqa: BLE001 - decided together with the other ranks in _agree_to_stop
+            return None, e
+        finally:
+            # A DataLoader worker that dies (a launcher or Slurm signals the whole process tree) must surface
+            # here, at a fetch, where the ranks decide together; torch's SIGCHLD handler would raise at an
+            # arbitrary point instead, e.g. inside a collective. The loader notices dead workers by itself.
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        return micro, None
+
+    def _agree_to_stop(self, stop: bool, error: Exception | None) -> bool:
+        """All ranks learn whether any rank was signalled or lost its data; a loader error without a signal
+        is raised on every rank (instead of leaving the others waiting in a collective)."""
+        import torch.distributed as dist
+
+        flags = torch.tensor([float(stop), float(error is not None)], dtype=torch.float64, device=self.engine.device)
+        dist.all_reduce(flags)
+        if flags[0] > 0:
+            return True
+        if error is not None:
+            raise error
+        if flags[1] > 0:
+            raise RuntimeError("another rank's data loader failed (see its error above)")
+        return False
+
+    def _check_finite(self, stats) -> None:
+        norm = self.engine.get_global_grad_norm()
+        bad = not math.isfinite(stats.loss)
+        if not self.engine.fp16_enabled():  # fp16 overflows are skipped by the loss scaler
+            bad |= norm is not None and not math.isfinite(float(norm))
+        if bad:
+            latest = self.plan.out_dir / "checkpoints" / "latest"
+            last = latest.read_text().strip() if latest.is_file() else "none"
+            raise Diverged(f"step {self.step}: non-finite loss {stats.loss} or gradient norm {norm}; stopping without "
+                           f"saving (last good checkpoint: {last})")
+
+    # ------------------------------------------------------------------------------------------------ reporting
+
+    def _log(self, stats, lr: float, rates: torch.Tensor) -> None:
+        """The update's losses; throughput over the updates since the last log (rates: per second)."""
+        from ofa_ds.train.engine import loss_scale
+        from ofa_ds.train.metrics import memory_gb
+
+        scalars = {"train/loss": stats.loss, "train/loss_v1": stats.stream_loss[0],
+                   "train/loss_v2": stats.stream_loss[1] if stats.tokens[1] else None,
+                   "train/lr": lr, "train/grad_norm": _float(self.engine.get_global_grad_norm()),
+                   "train/loss_scale": loss_scale(self.engine)}
+        for i, name in enumerate(self.tasks):
+            if stats.task_nll[1, i] > 0:
+                scalars[f"train/nll/{name}"] = float(stats.task_nll[0, i] / stats.task_nll[1, i])
+        flops, examples, tokens, updates = rates.tolist()
+        tflops = flops / self.world / 1e12
+        scalars.update({"perf/step_s": 1 / updates, "perf/samples_per_s": examples, "perf/tokens_per_s": tokens,
+                        "perf/tflops": tflops, "perf/mfu": tflops / self.peak if self.peak else None,
+                        "perf/mem_gb": memory_gb()})
+        self.metrics.log(self.step, scalars)
+
+    def evaluate(self) -> None:
+        from ofa_ds.data.loader import build_loader
+        from ofa_ds.train import checkpoint
+        from ofa_ds.train.engine import eval_sums
+
+        rng = checkpoint.rng_state()  # validation must not change what training draws next
+        loader = build_loader(self.plan.val_corpus, self.plan.tokenizer, self.run_cfg.data, dp_rank=self.rank,
+                              dp_size=self.world, micro_batch=self.train.micro_batch, num_workers=0)
+        it = iter(loader)
+        sums = eval_sums(self.engine, [next(it) for _ in range(self.train.eval_batches)], model_cfg=self.plan.model,
+                         num_tasks=len(self.tasks))
+        checkpoint.set_rng_state(rng)
+        streams = [float(sums[0, i] / sums[1, i]) if sums[1, i] > 0 else None for i in range(2)]
+        scalars = {"val/loss": sum(v for v in streams if v is not None), "val/loss_v1": streams[0],
+                   "val/loss_v2": streams[1]}
+        for i, name in enumerate(self.tasks):
+            if sums[1, 2 + i] > 0:
+                scalars[f"val/nll/{name}"] = float(sums[0, 2 + i] / sums[1, 2 + i])
+        self.metrics.log(self.step, scalars)
+        self.metrics.print(f"step {self.step}: val/loss {scalars['val/loss']:.4f}")
+
+    def save(self) -> None:
+        from ofa_ds.train import checkpoint
+
+        run = self.run_cfg.to_dict()
+        meta = {"step": self.step, "consumed_samples": self.consumed,
+                "world_size": self.world, "model": self.plan.model.to_dict(), "config": run,
+                "config_hash": checkpoint.config_hash(run), "model_hash": checkpoint.config_hash(self.plan.model.to_dict()),
+                "ds_config": self.plan.ds, "time": time.time()}
+        tag_dir = checkpoint.save(self.engine, self.plan.out_dir / "checkpoints", meta, self.train.keep_last)
+        self.metrics.print(f"step {self.step}: checkpoint {tag_dir}")
+
+    def summary(self) -> str:
+        from ofa_ds.train.engine import precision, zero_stage
+        from ofa_ds.train.flops import StreamShape, train_flops
+        from ofa_ds.train.metrics import summary
+
+        p, m, t, ds = self.plan, self.plan.model, self.train, self.plan.ds
+        params = sum(getattr(q, "ds_numel", q.numel()) for q in self.engine.module.parameters())
+        nodes = int(os.environ.get("CROSS_SIZE", os.environ.get("GROUP_WORLD_SIZE", "1")))
+        opt = ds["optimizer"].get("params", {})
+        offload = [k for k in ("offload_param", "offload_optimizer")
+                   if ds["zero_optimization"].get(k, {}).get("device", "none") != "none"]
+        c = p.corpus
+        data = f"{p.run.corpus}: {len(c.vl):,} VL, {len(c.text):,} text, {len(c.image):,} image, {len(c.detection):,} detection rows"
+        if p.val_corpus is not None:
+            data += f"; validation {p.run.val_corpus}: {len(p.val_corpus.vl):,} VL rows"
+        d = p.run.data
+        one_row = train_flops(m, [StreamShape(2, d.image_size, d.sample_patch_num if d.sample_patch_num > 0 else
+                                              (d.image_size // 16) ** 2, 32, 16)])
+        rows = [
+            ("model", f"{m.name}: {params:,} parameters (d={m.embed_dim}, {m.encoder_layers}+{m.decoder_layers} layers, "
+                      f"{m.heads} heads, {m.resnet}, V={m.vocab_size}, bn {m.bn_mode})"),
+            ("parallel", f"{self.world} data-parallel rank(s) on {nodes} node(s), {self.backend}, "
+                         f"device {self.engine.device}"),
+            ("deepspeed", f"{p.run.deepspeed}: ZeRO stage {zero_stage(ds)}, {precision(ds)}"
+                          + (f", offload {'+'.join(offload)}" if offload else "")
+                          + f", {type(self.engine.basic_optimizer).__name__} lr {opt.get('lr')} betas {opt.get('betas')} "
+                          f"eps {opt.get('eps')} wd {opt.get('weight_decay')}, clip {ds['gradient_clipping']}"),
+            ("batch", f"{t.global_batch} VL rows/update = {t.micro_batch} per rank x {self.world} rank(s) x "
+                      f"{t.accumulation(self.world)} accumulation (each row: 2 v1 examples; 8th rows add 4 v2)"),
+            ("schedule", f"{t.steps} updates, warmup {int(t.warmup_ratio * t.steps)}, decay power {t.lr_power} to "
+                         f"{t.end_lr}" + (f", resuming at {self.step} from {p.resume}" if p.resume else "")
+                         + (f", init from {p.run.init_from}" if p.run.init_from and not p.resume else "")),
+            ("data", data + f"; tokenizer {d.tokenizer} (V={p.tokenizer.vocab_size})"),
+            ("flops", f"~{one_row / 1e9:.2f} GFLOP per VL row (analytic); peak "
+                      + (f"{self.peak:.3g} TFLOP/s per device ({self.peak_source})" if self.peak else self.peak_source)),
+            ("output", f"{p.out_dir}: checkpoints every {t.save_every} (keep {t.keep_last}), tb/, metrics.jsonl"),
+        ]
+        return summary(rows)
+
+
+def _float(x) -> float | None:
+    return None if x is None else float(x)

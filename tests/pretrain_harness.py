@@ -1,0 +1,250 @@
+"""Multi-rank pretraining runs for the tests: a tiny corpus and model, launchers, and test-only faults.
+
+As a script it is one rank of `ofa-ds pretrain`, optionally with a fault injected on rank 0:
+
+    python tests/pretrain_harness.py [--fault KIND@STEP] [--dump-weights FILE] [--fixed-batch] -- PRETRAIN_ARGS
+
+    sigterm@K        after update K, SIGTERM to every rank (the process group), as Slurm or a launcher does
+    crash-in-save@K  SIGKILL to every rank while rank 0 writes its ZeRO shard of checkpoint K
+    nan@K            the loss of update K is NaN
+    --dump-weights   after the last checkpoint, the live (partitioned) parameters gathered to rank 0 and saved
+    --fixed-batch    every micro-step sees the loader's first micro-batch
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HARNESS = Path(__file__).resolve()
+TINY_MODEL = dict(embed_dim=64, ffn_dim=128, heads=2, encoder_layers=1, decoder_layers=1, resnet="resnet18",
+                  dropout=0.0, encoder_drop_path=0.0, decoder_drop_path=0.0, bn_mode="frozen")
+TINY_DATA = dict(image_size=32, extra_image_size=32, sample_patch_num=2, num_workers=0)
+# OFA_SPEC 7: AdamW lr 1e-4, betas (0.9, 0.999), eps 1e-8, weight decay 0.01, clip 5.0
+DS_FP32_ZERO3 = {"zero_optimization": {"stage": 3}, "gradient_clipping": 5.0, "steps_per_print": 10**9,
+                 "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8,
+                                                           "weight_decay": 0.01, "torch_adam": True}}}
+
+
+# ---------------------------------------------------------------------------------------------------- test side
+
+
+def tiny_data(base: Path) -> dict:
+    """Sample corpus -> Arrow shards -> sentencepiece tokenizer, built once under `base`."""
+    from ofa_ds.cli import main
+
+    done = base / "done.json"
+    if not done.is_file():
+        main(["make-sample-corpus", str(base / "tsv"), "--vl-rows", "64", "--text-rows", "16", "--image-rows", "8",
+              "--detection-rows", "8", "--min-size", "48", "--max-size", "80"])
+        main(["tsv2arrow", str(base / "tsv"), str(base / "arrow"), "--workers", "1"])
+        main(["train-tokenizer", str(base / "tok"), "--corpus", str(base / "arrow"), "--vocab-size", "300"])
+        from ofa_ds.data.tokenizer import load_tokenizer
+
+        vocab = load_tokenizer(base / "tok").vocab_size
+        done.write_text(json.dumps({"corpus": str(base / "arrow"), "tokenizer": str(base / "tok"), "vocab": vocab}))
+    return json.loads(done.read_text())
+
+
+def write_run(out_dir: Path, data: dict, *, ds: dict | None = None, train: dict | None = None, **top) -> Path:
+    """A run config (and its DeepSpeed config) for the tiny model; returns the config path."""
+    import yaml
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "ds.json").write_text(json.dumps(ds or DS_FP32_ZERO3))
+    cfg = {
+        "model": "ofa_tiny", "model_overrides": {**TINY_MODEL, "vocab_size": data["vocab"]},
+        "corpus": data["corpus"], "data": {**TINY_DATA, "tokenizer": data["tokenizer"]},
+        "deepspeed": str(out_dir / "ds.json"), "out_dir": str(out_dir / "run"),
+        "train": {"steps": 6, "global_batch": 8, "micro_batch": 2, "log_every": 1, "save_every": 3,
+                  "keep_last": 2, "peak_tflops": 1.0, **(train or {})},
+        **top,
+    }
+    path = out_dir / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict:
+    path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": path}
+
+
+def launch(nprocs: int, pretrain_args: list[str], *, harness: list[str] = (), timeout: float = 600):
+    """Start `nprocs` ranks directly (as torchrun would) in one new process group and wait for all of them.
+    Returns (return codes, combined output). The timeout is generous: the first launch on a machine JIT-builds
+    DeepSpeed's CPU comm op (2-4 minutes)."""
+    port = free_port()
+    procs, logs = [], []
+    for rank in range(nprocs):
+        e = {**env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nprocs),
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        logs.append(tempfile.TemporaryFile("w+"))
+        procs.append(subprocess.Popen([sys.executable, str(HARNESS), *harness, "--", *pretrain_args], env=e, cwd=ROOT,
+                                      stdout=logs[-1], stderr=subprocess.STDOUT,
+                                      process_group=procs[0].pid if procs else 0))
+    try:
+        codes = [p.wait(timeout=timeout) for p in procs]
+    except subprocess.TimeoutExpired:
+        os.killpg(procs[0].pid, signal.SIGKILL)
+        raise
+    out = []
+    for rank, log in enumerate(logs):
+        log.seek(0)
+        out.append(f"----- rank {rank}\n{log.read()}")
+        log.close()
+    return codes, "\n".join(out)
+
+
+def metrics(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
+    """step -> value from metrics.jsonl (a resumed run's later lines win)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get(key) is not None:
+            out[rec["step"]] = rec[key]
+    return out
+
+
+def reference_run(base: Path, data: dict) -> Path:
+    """The uninterrupted 2-rank ZeRO-3 fp32 run that the equivalence, resume and export tests compare with:
+    4 updates from init.safetensors, checkpoints at 2 and 4, live weights dumped at the end. Made once per session."""
+    d = base / "reference_run"
+    if not (d / "done").is_file():
+        import torch
+
+        from ofa_ds.config import ModelConfig, model_preset
+        from ofa_ds.model.convert import save_safetensors
+        from ofa_ds.model.ofa import OFAModel
+
+        cfg = ModelConfig.from_dict({**model_preset("ofa_tiny").to_dict(), **TINY_MODEL, "vocab_size": data["vocab"]})
+        torch.manual_seed(0)
+        d.mkdir(parents=True, exist_ok=True)
+        save_safetensors(OFAModel(cfg).state_dict(), cfg, d / "init.safetensors")
+        run = write_run(d, data, train={"steps": 4, "save_every": 2, "keep_last": 3})
+        codes, out = launch(2, [str(run), "--init-from", str(d / "init.safetensors")],
+                            harness=["--dump-weights", str(d / "live.pt")])
+        assert codes == [0, 0], out
+        (d / "done").write_text("")
+    return d
+
+
+# ---------------------------------------------------------------------------------------------------- rank side
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    sys.path.insert(0, str(ROOT))
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--fault")
+    ap.add_argument("--dump-weights")
+    ap.add_argument("--fixed-batch", action="store_true")
+    ap.add_argument("rest", nargs=argparse.REMAINDER)
+    args = ap.parse_args(argv)
+    rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+    if args.fault:
+        kind, step = args.fault.split("@")
+        _inject(kind, int(step))
+    if args.dump_weights:
+        _dump_weights_after_last_save(args.dump_weights)
+    if args.fixed_batch:
+        _fixed_batch()
+    from ofa_ds.cli import main as cli
+
+    return cli(["pretrain", *rest])
+
+
+def _rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _inject(kind: str, k: int) -> None:
+    import torch
+
+    from ofa_ds.train import engine
+
+    step = engine.train_step
+
+    def train_step(eng, *a, **kw):
+        nan = kind == "nan" and eng.global_steps == k - 1
+        if nan:
+            orig = engine.token_nll
+            engine.token_nll = lambda *x, **y: orig(*x, **y) * torch.tensor(float("nan"))
+        stats = step(eng, *a, **kw)
+        if nan:
+            engine.token_nll = orig
+        if eng.global_steps == k and _rank0() and kind == "sigterm":
+            os.killpg(os.getpgrp(), signal.SIGTERM)
+        return stats
+
+    engine.train_step = train_step
+    if kind == "crash-in-save":
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+        save = TorchCheckpointEngine.save
+
+        def save_then_crash(self, state_dict, path):
+            save(self, state_dict, path)
+            if _rank0() and f"step_{k:08d}" in str(path) and "optim_states" in str(path):
+                os.killpg(os.getpgrp(), signal.SIGKILL)
+
+        TorchCheckpointEngine.save = save_then_crash
+
+
+def _dump_weights_after_last_save(path: str) -> None:
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from ofa_ds.train import checkpoint
+
+    save = checkpoint.save
+
+    def save_and_dump(engine, ckpt_dir, meta, keep_last):
+        out = save(engine, ckpt_dir, meta, keep_last)
+        if meta["step"] == meta["config"]["train"]["steps"]:
+            live = {}
+            for name, p in engine.module.named_parameters():
+                with deepspeed.zero.GatheredParameters([p]):
+                    live[name] = p.detach().clone()
+            live.update({k: b.detach().clone() for k, b in engine.module.state_dict().items() if k not in live})
+            if dist.get_rank() == 0:
+                torch.save(live, path)
+        return out
+
+    checkpoint.save = save_and_dump
+
+
+def _fixed_batch() -> None:
+    """Every micro-step gets the loader's first micro-batch (so a run without accumulation sees one batch)."""
+    import itertools
+
+    from ofa_ds.data import loader
+
+    build = loader.build_loader
+
+    class Fixed:
+        def __init__(self, batch):
+            self.batch = batch
+
+        def __iter__(self):
+            return itertools.repeat(self.batch)
+
+    loader.build_loader = lambda *a, **kw: Fixed(next(iter(build(*a, **kw))))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

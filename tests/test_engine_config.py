@@ -1,0 +1,151 @@
+"""Bad input to `ofa-ds pretrain` fails before any process group starts, naming the key, file or limit."""
+import argparse
+import json
+from pathlib import Path
+
+import pretrain_harness as H
+import pytest
+import torch
+import torch.distributed as dist
+import yaml
+
+from ofa_ds.config import ConfigError, TrainConfig
+from ofa_ds.model.convert import CheckpointError, save_safetensors
+from ofa_ds.train.engine import ds_config, init_state_dict, load_ds_config, load_weights
+from ofa_ds.train.pretrain import prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return H.tiny_data(tmp_path_factory.getbasetemp() / "tiny_data")
+
+
+def args(config, *sets, resume=None):
+    return argparse.Namespace(config=Path(config), overrides=list(sets), out_dir=None, init_from=None, resume=resume)
+
+
+def expect(error, match, config, *sets, **kw):
+    with pytest.raises(error, match=match):
+        prepare(args(config, *sets, **kw))
+    assert not dist.is_initialized()
+
+
+def test_a_good_config_passes_every_check(data, tmp_path):
+    plan = prepare(args(H.write_run(tmp_path, data)))
+    assert plan.ds["gradient_accumulation_steps"] == 8 // 2  # one rank here
+    assert plan.model.embed_dim == 64 and plan.tokenizer.vocab_size == data["vocab"]
+    assert not dist.is_initialized()
+
+
+def test_unknown_key_and_wrong_type_are_named(data, tmp_path):
+    cfg = H.write_run(tmp_path, data)
+    expect(ConfigError, r"config\.train: unknown key\(s\) stepz", cfg, "train.stepz=3")
+    expect(ConfigError, r"config\.train\.micro_batch: expected int, got 'two'", cfg, "train.micro_batch=two")
+    expect(ConfigError, r"model_overrides: unknown key\(s\) embed_size", cfg, "model_overrides.embed_size=8")
+    expect(ConfigError, r"config: unknown key\(s\) optimiser", cfg, "optimiser=adam")
+    expect(ConfigError, r"--set 'train.steps': expected KEY=VALUE", cfg, "train.steps")
+
+
+def test_impossible_batch_geometry_is_named_against_the_world_size(data, tmp_path, monkeypatch):
+    cfg = H.write_run(tmp_path, data, train={"global_batch": 6, "micro_batch": 2})
+    prepare(args(cfg))  # 6 = 2 x 1 rank x 3
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    expect(ConfigError, r"train\.global_batch=6 is not divisible by train\.micro_batch=2 x 2 data-parallel rank\(s\) = 4",
+           cfg)
+
+
+def test_missing_corpus_and_mismatched_tokenizer(data, tmp_path):
+    cfg = H.write_run(tmp_path, data)
+    expect(ConfigError, r"corpus: .*manifest\.json: missing", cfg, f"corpus={tmp_path / 'nowhere'}")
+    expect(ConfigError, r"tokenizer .* has vocab_size %d but the model expects vocab_size 1000" % data["vocab"], cfg,
+           "model_overrides.vocab_size=1000")
+    expect(ConfigError, r"no tokenizer\.json", cfg, f"data.tokenizer={tmp_path}")
+    expect(ConfigError, r"init_from: .* does not exist", cfg, f"init_from={tmp_path / 'missing.pt'}")
+
+
+def test_deepspeed_config_keys_owned_by_ofa_ds_or_missing_are_named(data, tmp_path):
+    train = TrainConfig(global_batch=8, micro_batch=2)
+    for key in ("train_batch_size", "scheduler"):
+        with pytest.raises(ConfigError, match=f"ds.json: '{key}' is set by ofa-ds from train"):
+            ds_config({**H.DS_FP32_ZERO3, key: 1}, train, 1, "ds.json")
+    no_clip = {k: v for k, v in H.DS_FP32_ZERO3.items() if k != "gradient_clipping"}
+    with pytest.raises(ConfigError, match="'gradient_clipping' is required"):
+        ds_config(no_clip, train, 1, "ds.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"zero_optimization": {"stage": 3},\n "optimizer": }')
+    with pytest.raises(ConfigError, match=r"bad\.json: line 2"):
+        load_ds_config(bad)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "ds").glob("*.json")), ids=lambda p: p.name)
+def test_shipped_deepspeed_configs_are_valid(path):
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    d = load_ds_config(path)
+    assert d["gradient_clipping"] == 5.0  # OFA's; DeepSpeed's default would be 1.0
+    assert d["optimizer"]["params"]["betas"] == [0.9, 0.999] and d["optimizer"]["params"]["weight_decay"] == 0.01
+    DeepSpeedZeroConfig(**d["zero_optimization"])  # DeepSpeed's own schema (unknown keys are errors)
+    merged = ds_config(d, TrainConfig(global_batch=16, micro_batch=2), 8, path.name)
+    assert merged["gradient_accumulation_steps"] == 1
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "runs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_run_configs_parse(path):
+    from ofa_ds.config import RunConfig
+
+    run = RunConfig.from_dict(yaml.safe_load(path.read_text()))
+    assert (ROOT / run.deepspeed).is_file()
+    run.train.accumulation(1)
+
+
+def test_init_from_an_ofa_checkpoint_and_an_export(tmp_path):
+    from ofa_ds.model.convert import load_any
+    from ofa_ds.model.ofa import OFAModel
+
+    fixture = ROOT / "tests" / "assets" / "ofa_small_ref" / "ofa_small_ref_checkpoint.pt"
+    cfg, ofa_sd = load_any(fixture)
+    cfg.vocab_size = 2100  # a larger tokenizer: rows appended by OFA's rule
+    sd = init_state_dict(fixture, cfg)
+    model = OFAModel(cfg)
+    load_weights(model, sd)
+    emb = model.embed_tokens.weight.detach()
+    assert emb.shape[0] == 2100 and emb[:2000].equal(ofa_sd["embed_tokens.weight"].float())
+    save_safetensors(model.state_dict(), cfg, tmp_path / "m.safetensors")
+    again = OFAModel(cfg)
+    load_weights(again, init_state_dict(tmp_path / "m.safetensors", cfg))
+    assert all(a.equal(b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    cfg.embed_dim, cfg.encoder_layers = 128, 3
+    with pytest.raises(CheckpointError, match=r"embed_dim: 256 in the checkpoint, 128 in this run\n  encoder_layers: 2"):
+        init_state_dict(fixture, cfg)
+
+
+def test_resume_refuses_a_checkpoint_of_another_model_naming_the_differences(data, tmp_path):
+    cfg = H.write_run(tmp_path, data)
+    tag = tmp_path / "run" / "checkpoints" / "step_00000002"
+    tag.mkdir(parents=True)
+    plan = prepare(args(cfg))
+    meta = {"step": 2, "world_size": 1, "model": {**plan.model.to_dict(), "ffn_dim": 256, "heads": 4},
+            "config": plan.run.to_dict()}
+    (tag / "meta.json").write_text(json.dumps(meta))
+    (tag.parent / "latest").write_text(tag.name)
+    expect(ConfigError, r"different model config \(checkpoint -> this run\):\n  ffn_dim: 256 -> 128\n  heads: 4 -> 2",
+           cfg, resume="")
+    expect(ConfigError, r"already has checkpoints: pass --resume", cfg)
+    meta["model"] = plan.model.to_dict()
+    meta["world_size"] = 2
+    (tag / "meta.json").write_text(json.dumps(meta))
+    expect(ConfigError, r"written by 2 ranks, this run has 1", cfg, resume="")
+    (tag / "meta.json").unlink()
+    expect(ConfigError, r"step_00000002: incomplete checkpoint", cfg, resume=str(tag))
+
+
+def test_env_reports_versions_backend_and_extensions(capsys):
+    from ofa_ds.cli import main
+
+    assert main(["env", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["versions"]["deepspeed"] == __import__("deepspeed").__version__
+    assert report["backend"]["pretrain_uses"] == ("nccl" if torch.cuda.is_available() else "gloo")
+    assert {"fused_adam", "cpu_adam", "ofa_ds resnet_cuda", "triton"} <= report["extensions"].keys()
