@@ -149,10 +149,6 @@ class ModelConfig:
     def resnet_layers(self) -> tuple[int, int, int]:
         return RESNET_LAYERS[self.resnet]
 
-    @property
-    def max_image_grid(self) -> int:
-        return self.image_bucket_size
-
     def validate(self) -> None:
         _check_types(self)
         if self.embed_dim % self.heads:
