@@ -6,8 +6,8 @@
 # With passwordless ssh from the first host to all others (and pdsh installed), run it once, on the first
 # host: the launcher starts every node over ssh. Without ssh, run it on every node with NODE_RANK set:
 #
-#   node 0:  NODE_RANK=0 MASTER_ADDR=10.0.0.1 launch/multi_node.sh hostfile configs/runs/ofa_huge_h100.yaml
-#   node 1:  NODE_RANK=1 MASTER_ADDR=10.0.0.1 launch/multi_node.sh hostfile configs/runs/ofa_huge_h100.yaml
+#   node 0:  NODE_RANK=0 MASTER_ADDR=10.0.0.1 launch/multi_node.sh hostfile configs/pretrain/ofa_huge_h100.yaml
+#   node 1:  NODE_RANK=1 MASTER_ADDR=10.0.0.1 launch/multi_node.sh hostfile configs/pretrain/ofa_huge_h100.yaml
 #
 # MASTER_ADDR  address of the hostfile's first host, reachable from every node (required)
 # MASTER_PORT  rendezvous port, open between the nodes (default 29500)

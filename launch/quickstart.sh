@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's first command: install, make a sample corpus, convert it, train a tokenizer, and pretrain
-# ofa_tiny with ZeRO-3 on 2 CPU ranks (configs/runs/quickstart.yaml). Everything goes to quickstart_out/.
+# ofa_tiny with ZeRO-3 on 2 CPU ranks (configs/pretrain/quickstart.yaml). Everything goes to quickstart_out/.
 # Running it again reuses the data and continues (or just reports) the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +20,7 @@ fi
 [ -f $OUT/tokenizer/tokenizer.json ] || ofa train-tokenizer $OUT/tokenizer --corpus $OUT/arrow --vocab-size 300
 
 deepspeed --num_gpus 2 --master_port "${MASTER_PORT:-29500}" --no_local_rank --log_level warning \
-  --module ofa_ds.cli pretrain configs/runs/quickstart.yaml --resume
+  --module ofa_ds.cli pretrain configs/pretrain/quickstart.yaml --resume
 
 python3 - <<'PY'
 import json

@@ -2,7 +2,7 @@
 # Pretraining on one machine, one process per GPU (or N CPU ranks), with the DeepSpeed launcher.
 #
 #   launch/single_node.sh RUN_CONFIG [ofa-ds pretrain options ...]
-#   NPROC=4 launch/single_node.sh configs/runs/ofa_base_a100.yaml --set train.steps=1000 --resume
+#   NPROC=4 launch/single_node.sh configs/pretrain/ofa_base_a100.yaml --set train.steps=1000 --resume
 #
 # NPROC: ranks (default: every visible GPU; on a machine without GPUs, 2 CPU ranks with DS_ACCELERATOR=cpu).
 # MASTER_PORT: rendezvous port (default 29500; pick another when two jobs share a machine).

@@ -91,7 +91,7 @@ def test_shipped_deepspeed_configs_are_valid(path):
     assert merged["gradient_accumulation_steps"] == 1
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "runs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "pretrain").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_run_configs_parse(path):
     from ofa_ds.config import RunConfig
 

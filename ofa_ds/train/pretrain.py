@@ -1,8 +1,8 @@
 """`ofa-ds pretrain CONFIG`: OFA pretraining on DeepSpeed, one process per device.
 
-    deepspeed --num_gpus 8 --no_local_rank --module ofa_ds.cli pretrain configs/runs/ofa_base_a100.yaml
-    torchrun --nproc_per_node 8 -m ofa_ds.cli pretrain configs/runs/ofa_base_a100.yaml --set train.steps=100
-    DS_ACCELERATOR=cpu ofa-ds pretrain configs/runs/quickstart.yaml        # one process, no launcher
+    deepspeed --num_gpus 8 --no_local_rank --module ofa_ds.cli pretrain configs/pretrain/ofa_base_a100.yaml
+    torchrun --nproc_per_node 8 -m ofa_ds.cli pretrain configs/pretrain/ofa_base_a100.yaml --set train.steps=100
+    DS_ACCELERATOR=cpu ofa-ds pretrain configs/pretrain/quickstart.yaml        # one process, no launcher
 
 Everything that can be checked is checked before the process group starts: the run config (unknown keys,
 types), the DeepSpeed config, the batch geometry against the world size, the corpus manifest, the tokenizer
@@ -34,7 +34,7 @@ from ofa_ds.config import ConfigError, ModelConfig, RunConfig, load_dict, save_d
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", type=Path, help="run config (YAML or JSON), e.g. configs/runs/quickstart.yaml")
+    p.add_argument("config", type=Path, help="run config (YAML or JSON), e.g. configs/pretrain/quickstart.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a run-config key (dotted, value in YAML), e.g. train.steps=100, "
                         "model_overrides.dropout=0.0; repeatable")
