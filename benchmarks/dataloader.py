@@ -242,22 +242,12 @@ def ofa_collate(examples, image_size, pad):
     import numpy as np
     import torch
 
-    from ofa_ds.data.collate import PAD_MULTIPLE, _pad, _round_up
+    from ofa_ds.data.collate import token_fields
 
     images = [torch.from_numpy(e.image) if e.image is not None else torch.zeros(3, image_size, image_size)
               for e in examples]
-    src_len = _round_up(max(len(e.source) for e in examples), PAD_MULTIPLE)
-    tgt_len = _round_up(max(len(e.target) for e in examples), PAD_MULTIPLE)
-    stream = {
-        "src_tokens": _pad([e.source for e in examples], src_len, pad),
-        "patch_images": torch.stack(images),
-        "patch_masks": torch.tensor([e.image is not None for e in examples]),
-        "prev_output_tokens": _pad([e.prev_output for e in examples], tgt_len, pad),
-        "target": _pad([e.target for e in examples], tgt_len, pad),
-        "code_masks": torch.tensor([e.code_mask for e in examples]),
-        "weights": torch.tensor([e.weight for e in examples], dtype=torch.float32),
-        "task_ids": torch.tensor([e.task for e in examples], dtype=torch.long),
-    }
+    stream = {**token_fields(examples, pad), "patch_images": torch.stack(images),
+              "patch_masks": torch.tensor([e.image is not None for e in examples])}
     if examples[0].patch_idx is not None:
         stream["patch_idx"] = torch.from_numpy(np.stack([e.patch_idx for e in examples]))
     return stream

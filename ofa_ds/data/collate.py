@@ -40,8 +40,6 @@ def _empty_images(b: int, r: int) -> torch.Tensor:
 
 def collate(examples: list[Example], image_size: int, pad: int) -> dict[str, torch.Tensor]:
     b = len(examples)
-    src_len = _round_up(max(len(e.source) for e in examples), PAD_MULTIPLE)
-    tgt_len = _round_up(max(len(e.target) for e in examples), PAD_MULTIPLE)
     images = _empty_images(b, image_size)
     slot_of = {}  # id(pixels) -> slot already holding them normalised: a VL row's two examples share one image
     for i, e in enumerate(examples):
@@ -58,19 +56,25 @@ def collate(examples: list[Example], image_size: int, pad: int) -> dict[str, tor
         if e.hole is not None:
             x0, y0, x1, y1 = e.hole
             images[i, :, y0:y1, x0:x1] = 0
-    stream = {
-        "src_tokens": _pad([e.source for e in examples], src_len, pad),
-        "patch_images": images,
-        "patch_masks": torch.tensor([e.image is not None for e in examples]),
-        "prev_output_tokens": _pad([e.prev_output for e in examples], tgt_len, pad),
-        "target": _pad([e.target for e in examples], tgt_len, pad),
-        "code_masks": torch.tensor([e.code_mask for e in examples]),
-        "weights": torch.tensor([e.weight for e in examples], dtype=torch.float32),
-        "task_ids": torch.tensor([e.task for e in examples], dtype=torch.long),
-    }
+    stream = {**token_fields(examples, pad), "patch_images": images,
+              "patch_masks": torch.tensor([e.image is not None for e in examples])}
     sampled = [e.patch_idx is not None for e in examples]
     if any(sampled):
         if not all(sampled):
             raise ValueError("some examples of a stream carry patch_idx and some do not")
         stream["patch_idx"] = torch.from_numpy(np.stack([e.patch_idx for e in examples]).astype(np.int64))
     return stream
+
+
+def token_fields(examples: list[Example], pad: int) -> dict[str, torch.Tensor]:
+    """Everything of a Stream except the images: padded token tensors and per-example fields."""
+    src_len = _round_up(max(len(e.source) for e in examples), PAD_MULTIPLE)
+    tgt_len = _round_up(max(len(e.target) for e in examples), PAD_MULTIPLE)
+    return {
+        "src_tokens": _pad([e.source for e in examples], src_len, pad),
+        "prev_output_tokens": _pad([e.prev_output for e in examples], tgt_len, pad),
+        "target": _pad([e.target for e in examples], tgt_len, pad),
+        "code_masks": torch.tensor([e.code_mask for e in examples]),
+        "weights": torch.tensor([e.weight for e in examples], dtype=torch.float32),
+        "task_ids": torch.tensor([e.task for e in examples], dtype=torch.long),
+    }
