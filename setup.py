@@ -47,6 +47,7 @@ setup(
         "tensorboard",
         "tqdm",
         "pillow",
+        "simplejpeg",
         "pyyaml",
     ],
     extras_require={"test": ["pytest", "pytest-timeout"]},

@@ -7,6 +7,7 @@ import torch
 import yaml
 
 from ofa_ds.config import RunConfig
+from ofa_ds.data.collate import model_inputs
 from ofa_ds.data.loader import build_loader
 from ofa_ds.data.shards import Corpus
 from ofa_ds.data.tokenizer import load_tokenizer
@@ -38,7 +39,8 @@ def single_process_training(run_dir):
         opt.zero_grad()
         total = 0.0
         for b in micro:
-            nll = {s: token_nll(model(b[s]), b[s]["target"], cfg.pad_id) for s in STREAMS if b.get(s) is not None}
+            b = {s: model_inputs(b[s], "cpu", torch.float32) for s in STREAMS if b.get(s) is not None}
+            nll = {s: token_nll(model(x), x["target"], cfg.pad_id) for s, x in b.items()}
             loss, _ = micro_loss(nll, b, n)
             loss.backward()
             total += loss.item()
@@ -57,6 +59,8 @@ def test_two_rank_zero3_equals_single_process(tmp_path_factory):
     zero3 = H.metrics(ref / "run")
     assert sorted(zero3) == [1, 2, 3, 4]
     assert H.metrics(ref / "run", "train/loss_v2").keys() == {2, 4}  # both streams are exercised
+    steps, waits = H.metrics(ref / "run", "perf/step_s"), H.metrics(ref / "run", "perf/data_wait_s")
+    assert waits.keys() == steps.keys() and all(0 <= waits[k] < steps[k] for k in waits), (waits, steps)
     for step, loss in enumerate(losses, 1):
         assert abs(zero3[step] - loss) <= 1e-5, (step, zero3[step], loss)
     live = torch.load(ref / "live.pt", weights_only=True)

@@ -5,6 +5,7 @@ import torch
 from data_fixtures import small_corpus, vl_row
 
 from ofa_ds.config import ConfigError, DataConfig
+from ofa_ds.data.collate import model_inputs
 from ofa_ds.data.loader import build_loader
 from ofa_ds.data.tasks import TASKS, DataError
 from ofa_ds.data.tokenizer import load_tokenizer
@@ -45,8 +46,8 @@ def test_stream_format(tok, corpus):
         b, length = s["src_tokens"].shape
         t = s["target"].shape[1]
         assert length % 8 == 0 and t % 8 == 0 and s["prev_output_tokens"].shape == (b, t)
-        assert s["patch_images"].shape == (b, 3, r, r) and s["patch_images"].dtype == torch.float32
-        assert s["patch_images"].abs().max() <= 1
+        assert s["patch_images"].shape == (b, 3, r, r) and s["patch_images"].dtype == torch.uint8
+        assert s["patch_holes"].shape == (b, 4) and s["patch_holes"].dtype == torch.long
         for k in ("patch_masks", "code_masks"):
             assert s[k].shape == (b,) and s[k].dtype == torch.bool
         assert s["weights"].dtype == torch.float32 and s["task_ids"].dtype == torch.long
@@ -61,11 +62,25 @@ def test_stream_format(tok, corpus):
     assert [TASKS[i] for i in v2["task_ids"]] == ["text_infilling", "text_infilling", "image_infilling", "detection"]
     assert v2["patch_masks"].tolist() == [False, False, True, True] and v2["code_masks"].tolist() == [0, 0, 1, 0]
     assert (v2["patch_images"][:2] == 0).all() and v2["weights"].tolist() == [2.0] * 4
-    # image infilling: normalised pixels (as torchvision), centre 16 x 16 of 32 zeroed
-    img = v2["patch_images"][2]
-    assert (img[:, 8:24, 8:24] == 0).all()
-    assert torch.equal(img[:, 0, 0], (torch.tensor([0.0, 100.0, 50.0]) / 255 - 0.5) / 0.5)
+    assert v2["patch_holes"].tolist() == [[0] * 4, [0] * 4, [8, 8, 24, 24], [0] * 4]  # infilling: the centre 16 x 16
+    assert v1["patch_holes"].eq(0).all()
+    assert torch.equal(v2["patch_images"][2, :, 0, 0], torch.tensor([0, 100, 50], dtype=torch.uint8))
     assert loader.state_dict() == {"consumed_samples": 8}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_inputs_normalise_as_torchvision(tok, corpus, dtype):
+    """uint8 pixels -> ToTensor + Normalize(0.5, 0.5) exactly, then the model's dtype; no-image examples and the
+    image infilling hole are 0, as OFA's collate gives them."""
+    v2 = next(iter(build_loader(corpus, tok, CFG, dp_rank=0, dp_size=1, micro_batch=8, num_workers=0)))["v2"]
+    x = model_inputs(v2, "cpu", dtype)
+    assert "patch_holes" not in x and x.keys() == v2.keys() - {"patch_holes"}
+    assert all(torch.equal(x[k], v2[k]) for k in x if k != "patch_images")
+    expected = (v2["patch_images"].float() / 255 - 0.5) / 0.5  # torchvision: to_tensor's div, normalize's sub, div
+    expected[:2] = 0  # text infilling: no image
+    expected[2, :, 8:24, 8:24] = 0  # the infilling hole
+    assert x["patch_images"].dtype == dtype and torch.equal(x["patch_images"], expected.to(dtype))
+    assert torch.equal(x["patch_images"][2, :, 0, 0], ((torch.tensor([0.0, 100.0, 50.0]) / 255 - 0.5) / 0.5).to(dtype))
 
 
 def test_v2_is_none_without_extras(tok, corpus):

@@ -203,6 +203,42 @@ def test_resize_window_equals_resize_then_crop():
     assert np.abs(got - expected).max() <= 1
 
 
+def _photo_like(w, h, mode="RGB", **save):
+    """A noisy gradient (so every DCT block has detail), JPEG-encoded."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:h, 0:w]
+    a = np.stack([x * 255 // w, y * 255 // h, (x + y) * 127 // (w + h)], -1) + rng.integers(0, 40, (h, w, 3))
+    img = Image.fromarray(a.clip(0, 255).astype(np.uint8)).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90, **save)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["baseline", "progressive", "gray", "444", "cmyk", "truncated", "png"])
+def test_decoding_gives_pillows_pixels(kind):
+    """The fast JPEG path decodes to exactly what Pillow gives, at every draft scale; images it does not handle
+    (CMYK, damaged, not JPEG) go through Pillow."""
+    save = {"progressive": dict(progressive=True), "444": dict(subsampling=0)}.get(kind, {})
+    mode = {"gray": "L", "cmyk": "CMYK"}.get(kind, "RGB")
+    data = _photo_like(203, 157, mode, **save)
+    if kind == "truncated":
+        data = data[: len(data) * 2 // 3]
+    if kind == "png":
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(data)).save(buf, "PNG")
+        data = buf.getvalue()
+    # a truncated JPEG has a good header; simplejpeg's error at decode sends it to Pillow
+    assert (transforms._turbo_header(data) is not None) == (kind not in ("cmyk", "png"))
+    for at_least in (None, (200, 150), (100, 70), (50, 40), (25, 19), (10, 10)):
+        img = Image.open(io.BytesIO(data))
+        if at_least is not None:
+            img.draft("RGB", at_least)
+        expected = np.asarray(img.convert("RGB"))
+        got, scale = transforms._Source(data)._decode(at_least)
+        assert got.mode == "RGB" and (np.asarray(got) == expected).all(), (kind, at_least)
+        assert got.size == (-(-203 // scale), -(-157 // scale))
+
+
 def test_rand_augment_ops_keep_size_and_are_seeded():
     img = Image.open(io.BytesIO(encode_image(64, 48, box=(10, 10, 40, 30)))).convert("RGB")
     for op in transforms.RAND_AUGMENT_OPS:

@@ -1,11 +1,14 @@
-"""Examples -> one Stream of the batch format (DESIGN.md "Batch format").
+"""Examples -> one Stream of the batch format (DESIGN.md "Batch format"), and a Stream -> the model's inputs.
 
     src_tokens (B, L) long, prev_output_tokens (B, T) long, target (B, T) long: right-padded with pad,
         L and T rounded up to a multiple of 8
-    patch_images (B, 3, R, R) float: pixels normalised to [-1, 1] (ToTensor + Normalize(0.5, 0.5)); zeros where
-        there is no image and in an example's `hole`; patch_masks (B,) bool
+    patch_images (B, 3, R, R) uint8: RGB pixels (zeros where there is no image); patch_masks (B,) bool
+    patch_holes (B, 4) long: (x0, y0, x1, y1) of the region image infilling blanks; all 0 for no hole
     code_masks (B,) bool, weights (B,) float, task_ids (B,) long
     patch_idx (B, K) long: only when the examples carry a patch sample (v1 with sample_patch_num < patches)
+
+Images travel as uint8 and are normalised where the model runs (`model_inputs`): a quarter of the bytes through
+the loader workers' shared memory and the host-to-device copy, and no float work in the workers.
 """
 from __future__ import annotations
 
@@ -13,7 +16,6 @@ import numpy as np
 import torch
 
 from ofa_ds.data.tasks import Example
-from ofa_ds.data.transforms import normalise_
 
 PAD_MULTIPLE = 8
 
@@ -31,32 +33,26 @@ def _pad(seqs: list[list[int]], length: int, pad: int) -> torch.Tensor:
 
 def _empty_images(b: int, r: int) -> torch.Tensor:
     if torch.utils.data.get_worker_info() is None:
-        return torch.empty(b, 3, r, r)
+        return torch.empty(b, 3, r, r, dtype=torch.uint8)
     # In a DataLoader worker allocate in shared memory, as torch's default_collate does: handing the batch to the
-    # trainer process then sends a handle instead of copying tens of MB into new shared memory.
-    storage = torch.empty(0)._typed_storage()._new_shared(b * 3 * r * r)
-    return torch.empty(0).new(storage).resize_(b, 3, r, r)
+    # trainer process then sends a handle instead of copying the images into new shared memory.
+    storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(b * 3 * r * r)
+    return torch.empty(0, dtype=torch.uint8).new(storage).resize_(b, 3, r, r)
 
 
 def collate(examples: list[Example], image_size: int, pad: int) -> dict[str, torch.Tensor]:
-    b = len(examples)
-    images = _empty_images(b, image_size)
-    slot_of = {}  # id(pixels) -> slot already holding them normalised: a VL row's two examples share one image
+    images = _empty_images(len(examples), image_size)
+    holes = torch.zeros(len(examples), 4, dtype=torch.long)
     for i, e in enumerate(examples):
         if e.image is None:
             images[i].zero_()
             continue
         if e.image.shape != (3, image_size, image_size):
             raise ValueError(f"example {i} (task {e.task}): image {e.image.shape}, stream images are {image_size}")
-        j = slot_of.setdefault(id(e.image), i)
-        if j == i:
-            normalise_(images[i].copy_(torch.from_numpy(e.image)))
-        else:
-            images[i].copy_(images[j])
+        images[i].copy_(torch.from_numpy(e.image))
         if e.hole is not None:
-            x0, y0, x1, y1 = e.hole
-            images[i, :, y0:y1, x0:x1] = 0
-    stream = {**token_fields(examples, pad), "patch_images": images,
+            holes[i] = torch.tensor(e.hole)
+    stream = {**token_fields(examples, pad), "patch_images": images, "patch_holes": holes,
               "patch_masks": torch.tensor([e.image is not None for e in examples])}
     sampled = [e.patch_idx is not None for e in examples]
     if any(sampled):
@@ -64,6 +60,20 @@ def collate(examples: list[Example], image_size: int, pad: int) -> dict[str, tor
             raise ValueError("some examples of a stream carry patch_idx and some do not")
         stream["patch_idx"] = torch.from_numpy(np.stack([e.patch_idx for e in examples]).astype(np.int64))
     return stream
+
+
+def model_inputs(stream: dict[str, torch.Tensor], device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A loader Stream on `device`, its images normalised as OFA's ToTensor + Normalize(0.5, 0.5) (bit for bit, in
+    float32) and then cast to `dtype`; images without patch_mask and the holes are 0 after normalisation."""
+    out = {k: v.to(device, non_blocking=True) for k, v in stream.items() if k != "patch_holes"}
+    x = out["patch_images"].float().div_(255).sub_(0.5).div_(0.5)  # (B, 3, R, R)
+    r = torch.arange(x.shape[-1], device=x.device)
+    x0, y0, x1, y1 = stream["patch_holes"].to(device, non_blocking=True).unbind(1)  # (B,) each
+    rows = (r >= y0[:, None]) & (r < y1[:, None])  # (B, R)
+    cols = (r >= x0[:, None]) & (r < x1[:, None])  # (B, R)
+    blank = (rows[:, :, None] & cols[:, None, :]) | ~out["patch_masks"][:, None, None]  # (B, R, R)
+    out["patch_images"] = x.masked_fill_(blank[:, None], 0).to(dtype)
+    return out
 
 
 def token_fields(examples: list[Example], pad: int) -> dict[str, torch.Tensor]:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from ofa_ds.config import ConfigError, ModelConfig, TrainConfig
+from ofa_ds.data.collate import model_inputs
 from ofa_ds.model.ofa import OFAModel
 from ofa_ds.train import schedule
 from ofa_ds.train.flops import stream_shape, train_flops
@@ -179,10 +180,6 @@ class StepStats:
     flops: float  # analytic training FLOPs of the update over all ranks
 
 
-def _to_device(stream: dict, device, dtype) -> dict:
-    return {k: v.to(device, dtype=dtype if k == "patch_images" else None, non_blocking=True) for k, v in stream.items()}
-
-
 def train_step(engine, micro_batches: list[dict], *, model_cfg: ModelConfig, num_tasks: int) -> StepStats:
     """One optimizer update over this rank's micro-batches (forward v1 and v2, backward, DeepSpeed step)."""
     pad, dp = model_cfg.pad_id, dist.get_world_size()
@@ -200,7 +197,7 @@ def train_step(engine, micro_batches: list[dict], *, model_cfg: ModelConfig, num
     parts = torch.zeros(2, dtype=torch.float64, device=device)
     tasks = torch.zeros(2, num_tasks, dtype=torch.float64, device=device)
     for b in micro_batches:
-        streams = {s: _to_device(b[s], device, dtype) for s in STREAMS if b.get(s) is not None}
+        streams = {s: model_inputs(b[s], device, dtype) for s in STREAMS if b.get(s) is not None}
         nll = {s: token_nll(engine(x), x["target"], pad) for s, x in streams.items()}
         loss, p = micro_loss(nll, streams, n_tokens)
         engine.backward(loss * dp, scale_wrt_gas=False)
@@ -223,7 +220,7 @@ def eval_sums(engine, micro_batches, *, model_cfg: ModelConfig, num_tasks: int) 
     for b in micro_batches:
         for i, s in enumerate(STREAMS):
             if b.get(s) is not None:
-                x = _to_device(b[s], device, dtype)
+                x = model_inputs(b[s], device, dtype)
                 nll = token_nll(engine(x), x["target"], pad)
                 out[0, i] += weighted_sum(nll, x["weights"]).double()
                 out[1, i] += x["target"].ne(pad).sum()

@@ -5,6 +5,7 @@ Only rank 0 writes. Scalar names (also the JSON keys):
   train/nll/<task>                            unweighted mean token nll per task (ofa_ds.data.tasks.TASKS)
   train/lr, train/grad_norm, train/loss_scale (fp16 only)
   perf/samples_per_s (examples, v1 + v2), perf/tokens_per_s (non-pad target tokens), perf/step_s,
+  perf/data_wait_s (per update, time the slowest rank waited for its loader: 0 when workers keep up),
   perf/tflops (achieved per device, analytic FLOPs), perf/mfu (against perf_peak_tflops), perf/mem_gb
   val/loss, val/loss_v1, val/loss_v2, val/nll/<task>
 """

@@ -221,10 +221,13 @@ class Trainer:
         if validate and self.step == 0:
             self.evaluate()  # the starting point
         start = saved_step = self.step
-        t_last, window = time.perf_counter(), torch.zeros(4, dtype=torch.float64)  # FLOPs, examples, tokens, updates
+        # FLOPs, examples, tokens, updates, seconds waiting for the loader
+        t_last, window = time.perf_counter(), torch.zeros(5, dtype=torch.float64)
         try:
             while self.step < train.steps:
+                t_fetch = time.perf_counter()
                 micro, error = self._fetch(batches, gas)
+                waited = time.perf_counter() - t_fetch
                 if self._agree_to_stop(stop.signal is not None, error):
                     self.metrics.print(f"step {self.step}: {stop.signal or 'stop'} received, saving a checkpoint")
                     break
@@ -233,10 +236,11 @@ class Trainer:
                 self.step += 1
                 self.consumed += train.global_batch
                 self._check_finite(stats)
-                window += torch.tensor([stats.flops, stats.examples, sum(stats.tokens), 1.0], dtype=torch.float64)
+                window += torch.tensor([stats.flops, stats.examples, sum(stats.tokens), 1.0, waited],
+                                       dtype=torch.float64)
                 if self.step % train.log_every == 0 or self.step in (start + 1, train.steps):
                     now = time.perf_counter()
-                    self._log(stats, lr, window / (now - t_last))
+                    self._log(stats, lr, window, now - t_last)
                     t_last, window = now, torch.zeros_like(window)
                 self.metrics.advance(self.step, stats.loss, lr)
                 t0 = time.perf_counter()
@@ -296,8 +300,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ reporting
 
-    def _log(self, stats, lr: float, rates: torch.Tensor) -> None:
-        """The update's losses; throughput over the updates since the last log (rates: per second)."""
+    def _log(self, stats, lr: float, window: torch.Tensor, seconds: float) -> None:
+        """The update's losses; throughput over the `window` of updates since the last log, `seconds` long."""
+        import torch.distributed as dist
+
         from ofa_ds.train.engine import loss_scale
         from ofa_ds.train.metrics import memory_gb
 
@@ -308,9 +314,12 @@ class Trainer:
         for i, name in enumerate(self.tasks):
             if stats.task_nll[1, i] > 0:
                 scalars[f"train/nll/{name}"] = float(stats.task_nll[0, i] / stats.task_nll[1, i])
-        flops, examples, tokens, updates = rates.tolist()
-        tflops = flops / self.world / 1e12
-        scalars.update({"perf/step_s": 1 / updates, "perf/samples_per_s": examples, "perf/tokens_per_s": tokens,
+        flops, examples, tokens, updates, waited = window.tolist()
+        waited = torch.tensor(waited / updates, device=self.engine.device)
+        dist.all_reduce(waited, op=dist.ReduceOp.MAX)  # the slowest rank's loader holds every rank up
+        tflops = flops / seconds / self.world / 1e12
+        scalars.update({"perf/step_s": seconds / updates, "perf/samples_per_s": examples / seconds,
+                        "perf/tokens_per_s": tokens / seconds, "perf/data_wait_s": float(waited),
                         "perf/tflops": tflops, "perf/mfu": tflops / self.peak if self.peak else None,
                         "perf/mem_gb": memory_gb()})
         self.metrics.log(self.step, scalars)
