@@ -266,7 +266,7 @@ def _cpu_s() -> float:
     return t.user + t.system
 
 
-def child(mode: str, path: str, workers: int, batches: int, cfg: dict) -> dict:
+def child(mode: str, path: str, workers: int, batches: int, cfg: dict, step_s: float = 0.0) -> dict:
     from ofa_ds.config import DataConfig
     from ofa_ds.data import loader, tasks
     from ofa_ds.data.sampler import DistributedVLSampler
@@ -293,7 +293,16 @@ def child(mode: str, path: str, workers: int, batches: int, cfg: dict) -> dict:
     first = time.perf_counter()
     out = {"tokenizer_s": t1 - t0, "open_s": opened - t1, "first_batch_s": first - t1,
            "rss_growth_mb": _rss_mb() - rss1, "rss_mb": _rss_mb()}
-    if batches:
+    if batches and step_s:  # a training loop whose step takes step_s (a GPU busy, this core free): time blocked
+        waits = []
+        for k in range(1, 1 + batches):
+            t2 = time.perf_counter()
+            get(k)
+            waits.append(time.perf_counter() - t2)
+            time.sleep(step_s)
+        waits = waits[2 * workers :]  # the first batches are not prefetched yet
+        out.update(step_s=step_s, wait_mean_s=sum(waits) / len(waits), wait_max_s=max(waits), steps=len(waits))
+    elif batches:
         get(1)  # warm-up
         t2, c2 = time.perf_counter(), _cpu_s()
         for k in range(2, 2 + batches):
@@ -306,8 +315,8 @@ def child(mode: str, path: str, workers: int, batches: int, cfg: dict) -> dict:
     return out
 
 
-def run_child(mode, path, workers=0, batches=0, cfg=None) -> dict:
-    args = [sys.executable, __file__, "--child", json.dumps([mode, str(path), workers, batches, cfg or {}])]
+def run_child(mode, path, workers=0, batches=0, cfg=None, step_s=0.0) -> dict:
+    args = [sys.executable, __file__, "--child", json.dumps([mode, str(path), workers, batches, cfg or {}, step_s])]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT)
     if res.returncode:
@@ -326,14 +335,37 @@ def throughput(tsv: Path, arrow: Path, batches: int, repeats: int) -> dict:
     }
     best = {k: max(r["rows_per_s"] for r in v) for k, v in runs.items()}
     best_cpu = {k: max(r["rows_per_cpu_s"] for r in v) for k, v in runs.items() if "rows_per_cpu_s" in v[0]}
+    # A consumer that takes 8 rows every step_s, with the loader's 2-worker rate (the slowest repeat) 25% above it.
+    slowest = min(r["rows_per_s"] for r in runs["ofa_ds_2_workers"])
+    step_s = MICRO_BATCH / (0.8 * slowest)
+    consumer = run_child("ofa_ds", arrow, 2, batches, step_s=step_s)
     return {
         "rows_per_s": best,
         "rows_per_cpu_s": best_cpu,
         "speedup_per_core_wall": best["ofa_ds_0_workers"] / best["ofa_tsv"],
         "speedup_per_core_cpu": best_cpu["ofa_ds_0_workers"] / best_cpu["ofa_tsv"],
         "speedup_2_workers_vs_ofa": best["ofa_ds_2_workers"] / best["ofa_tsv"],
+        "data_wait_2_workers": {k: consumer[k] for k in ("step_s", "wait_mean_s", "wait_max_s", "steps")},
         "runs": runs,
     }
+
+
+def demand(rows_per_cpu_s: float) -> dict:
+    """VL rows/s one GPU consumes at 40% MFU (analytic FLOPs of OFA's 384 px micro-batch shapes), and loader cores
+    per GPU at the measured per-core rate. An estimate for sizing num_workers, not a measurement."""
+    from ofa_ds.config import model_preset
+    from ofa_ds.train.flops import StreamShape, train_flops
+    from ofa_ds.train.metrics import GPU_PEAK_TFLOPS
+
+    # per 8 rows: v1 16 examples (196 of 576 patches, src 40, tgt 24); v2 text/image infilling + detection
+    shapes = [StreamShape(16, 384, 196, 40, 24), StreamShape(4, 256, 256, 80, 264)]
+    out = {}
+    for preset in ("ofa_base", "ofa_large", "ofa_huge"):
+        flops_per_row = train_flops(model_preset(preset), shapes) / MICRO_BATCH
+        for gpu, peak in GPU_PEAK_TFLOPS.items():
+            rows = 0.4 * peak["half"] * 1e12 / flops_per_row
+            out[f"{preset} {gpu}"] = {"rows_per_s": round(rows), "cores": round(rows / rows_per_cpu_s, 1)}
+    return out
 
 
 def main() -> None:
@@ -362,6 +394,9 @@ def main() -> None:
                                                     args.repeats)
         result["throughput"]["photos"]["files"] = args.photos
         print(json.dumps({k: v for k, v in result["throughput"]["photos"].items() if k != "runs"}), flush=True)
+    measured = result["throughput"]["photos" if args.photos else "synthetic"]["rows_per_cpu_s"]["ofa_ds_0_workers"]
+    result["gpu_demand_40pct_mfu"] = demand(measured)
+    print(json.dumps({"gpu_demand_40pct_mfu": result["gpu_demand_40pct_mfu"]}), flush=True)
 
     small = dict(min_size=32, max_size=48)
     for n in args.startup_rows:

@@ -97,6 +97,24 @@ def _as_is(batch):
     return batch
 
 
+class _Wire(torch.utils.data.Dataset):
+    """Micro-batches as worker processes hand them over. Every tensor a worker returns travels as its own
+    shared-memory segment, and receiving one costs the trainer a socket handshake with that (busy) worker: about
+    0.5 ms each here, 10-15 ms for a micro-batch's 19 tensors. Small fields travel pickled as numpy arrays
+    instead, leaving one segment per stream (its images, already allocated in shared memory by collate)."""
+
+    def __init__(self, batches: MicroBatches):
+        self.batches = batches
+
+    def __getitem__(self, step: int) -> dict:
+        return {s: None if x is None else {k: v if k == "patch_images" else v.numpy() for k, v in x.items()}
+                for s, x in self.batches[step].items()}
+
+    @staticmethod
+    def unpack(batch: dict) -> dict:
+        return {s: None if x is None else {k: torch.as_tensor(v) for k, v in x.items()} for s, x in batch.items()}
+
+
 class Loader:
     """Endless iterable of this rank's micro-batches that knows how many global VL rows it has handed out."""
 
@@ -108,13 +126,14 @@ class Loader:
 
     def __iter__(self):
         start = self.sampler.step_of(self.consumed_samples)
+        workers = self.num_workers > 0
         loader = torch.utils.data.DataLoader(
-            self.batches, batch_size=None, sampler=itertools.count(start), num_workers=self.num_workers,
-            collate_fn=_as_is, pin_memory=torch.cuda.is_available(),
+            _Wire(self.batches) if workers else self.batches, batch_size=None, sampler=itertools.count(start),
+            num_workers=self.num_workers, collate_fn=_as_is, pin_memory=torch.cuda.is_available(),
         )
         for batch in loader:
             self.consumed_samples += self.sampler.global_micro_batch
-            yield batch
+            yield _Wire.unpack(batch) if workers else batch
 
     def state_dict(self) -> dict:
         return {"consumed_samples": self.consumed_samples}
