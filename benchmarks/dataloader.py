@@ -13,8 +13,14 @@ with --photos, the same corpus with its VL and detection images replaced by thos
   RandAugment on the decoded array, ToTensor + Normalize in torch. Tokenisation, task logic, span masking and
   collation are ofa_ds's own (HF BPE is faster than OFA's Python BPE, so this favours OFA), and the
   RandAugment ops are ofa_ds's Pillow ops (OpenCV is not installed).
-Each throughput run happens in a fresh process, repeated; the best repeat is reported with all repeats.
-`per_cpu_s` divides by the process's CPU time, which the other tenants of a shared machine do not inflate.
+Each throughput run happens in a fresh process; the modes are run in turn, `--repeats` times, and each figure is
+the median over repeats (speedups: the median of the per-repeat ratios), all runs listed. `per_cpu_s` divides by
+the process's CPU time, which the other tenants of a shared machine do not inflate. ofa_ds batches carry uint8
+images that the trainer normalises on its device (`collate.model_inputs`); OFA's carry float32 images normalised
+on the CPU, as OFA does. `data_wait_2_workers`: a consumer that takes a micro-batch every step_s (a GPU busy, the
+trainer's core free), with step_s set so the slowest 2-worker rate is 25% above its demand; the time each `next()`
+blocked. `gpu_demand_40pct_mfu`: rows/s a GPU consumes at 40% MFU (analytic FLOPs) and the loader cores that takes
+at the measured per-core rate: an estimate for sizing `data.num_workers`.
 
 Start-up (time to first batch, fresh process, files in the page cache) and peak RSS at 1k, 100k and 1M VL rows
 (plus 1/8 as many text, image and detection rows), 32-48 px images. 1k and 100k are generated and converted
@@ -29,6 +35,7 @@ import io
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -328,23 +335,28 @@ def run_child(mode, path, workers=0, batches=0, cfg=None, step_s=0.0) -> dict:
 
 
 def throughput(tsv: Path, arrow: Path, batches: int, repeats: int) -> dict:
-    runs = {
-        "ofa_tsv": [run_child("ofa_tsv", tsv, 0, batches) for _ in range(repeats)],
-        "ofa_ds_0_workers": [run_child("ofa_ds", arrow, 0, batches) for _ in range(repeats)],
-        "ofa_ds_2_workers": [run_child("ofa_ds", arrow, 2, batches) for _ in range(repeats)],
-    }
-    best = {k: max(r["rows_per_s"] for r in v) for k, v in runs.items()}
-    best_cpu = {k: max(r["rows_per_cpu_s"] for r in v) for k, v in runs.items() if "rows_per_cpu_s" in v[0]}
+    modes = {"ofa_tsv": ("ofa_tsv", tsv, 0), "ofa_ds_0_workers": ("ofa_ds", arrow, 0),
+             "ofa_ds_2_workers": ("ofa_ds", arrow, 2)}
+    runs = {k: [] for k in modes}
+    for _ in range(repeats):  # interleaved, so the machine's drift affects every mode alike
+        for k, (mode, path, workers) in modes.items():
+            runs[k].append(run_child(mode, path, workers, batches))
+
+    def ratio(a: str, b: str, key: str = "rows_per_s") -> float:  # median over repeats of the per-repeat ratio
+        return statistics.median(x[key] / y[key] for x, y in zip(runs[a], runs[b]))
+
+    med = {k: statistics.median(r["rows_per_s"] for r in v) for k, v in runs.items()}
+    med_cpu = {k: statistics.median(r["rows_per_cpu_s"] for r in v) for k, v in runs.items() if "rows_per_cpu_s" in v[0]}
     # A consumer that takes 8 rows every step_s, with the loader's 2-worker rate (the slowest repeat) 25% above it.
     slowest = min(r["rows_per_s"] for r in runs["ofa_ds_2_workers"])
     step_s = MICRO_BATCH / (0.8 * slowest)
     consumer = run_child("ofa_ds", arrow, 2, batches, step_s=step_s)
     return {
-        "rows_per_s": best,
-        "rows_per_cpu_s": best_cpu,
-        "speedup_per_core_wall": best["ofa_ds_0_workers"] / best["ofa_tsv"],
-        "speedup_per_core_cpu": best_cpu["ofa_ds_0_workers"] / best_cpu["ofa_tsv"],
-        "speedup_2_workers_vs_ofa": best["ofa_ds_2_workers"] / best["ofa_tsv"],
+        "rows_per_s": med,
+        "rows_per_cpu_s": med_cpu,
+        "speedup_per_core_wall": ratio("ofa_ds_0_workers", "ofa_tsv"),
+        "speedup_per_core_cpu": ratio("ofa_ds_0_workers", "ofa_tsv", "rows_per_cpu_s"),
+        "speedup_2_workers_vs_ofa": ratio("ofa_ds_2_workers", "ofa_tsv"),
         "data_wait_2_workers": {k: consumer[k] for k in ("step_s", "wait_mean_s", "wait_max_s", "steps")},
         "runs": runs,
     }

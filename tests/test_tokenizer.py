@@ -109,3 +109,28 @@ def test_sentencepiece_layout_and_reload(sp_tokenizer):
 def test_sentencepiece_vocab_too_large_is_clear(tmp_path):
     with pytest.raises(ConfigError, match="vocab_size=5000"):
         train_sentencepiece(TEXTS[:20], 5000, tmp_path)
+
+
+def _messy_text(seed: int, words: int) -> str:
+    """Words, numbers, punctuation, contractions, non-ASCII and runs of spaces, tabs and newlines."""
+    rng = random.Random(seed)
+    vocab = ["the", "shape", "Circle", "1984", "3.5", "don't", "it's", "naïve", "東京", "x2", "--", "(a)", "e.g.",
+             "well,", "'quoted'", "ö", "#tag", "π", "end."]
+    seps = [" "] * 12 + ["  ", "\n", "\t", " \n ", "   ", ""]
+    return "".join(rng.choice(vocab) + rng.choice(seps) for _ in range(words))
+
+
+@pytest.mark.parametrize("backend", ["bpe", "sp"])
+def test_encode_head_equals_the_head_of_the_whole_encoding(backend, bpe, sp_tokenizer, monkeypatch):
+    tok = bpe if backend == "bpe" else sp_tokenizer
+    for seed in range(30):
+        text = " " + _messy_text(seed, 60 + 40 * seed)
+        whole = tok.encode(text)
+        for n in (1, 7, 50, 512):
+            assert tok.encode_head(text, n) == whole[:n], (seed, n)
+    unbroken = " " + "ab" * 5000  # no word boundary: the whole text is encoded
+    assert tok.encode_head(unbroken, 10) == tok.encode(unbroken)[:10]
+    encoded = []
+    monkeypatch.setattr(tok, "encode", lambda t, f=tok.encode: encoded.append(len(t)) or f(t))
+    book = " " + _messy_text(0, 200_000)  # about 1 MB
+    assert len(tok.encode_head(book, 512)) == 512 and max(encoded) < len(book) // 100

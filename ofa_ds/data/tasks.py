@@ -164,7 +164,7 @@ class TaskBuilder:
 
     def text_infilling(self, row: dict, rng: np.random.Generator) -> Example:
         tok = self.tok
-        text = tok.encode(" " + row["text"].strip().lower())[:TEXT_INFILL_READ][-TEXT_INFILL_KEEP:]
+        text = tok.encode_head(" " + row["text"].strip().lower(), TEXT_INFILL_READ)[-TEXT_INFILL_KEEP:]
         full = np.array([tok.bos, *text, tok.eos], dtype=np.int64)
         masked = mask_spans(full, tok.is_word_start(full), tok.mask, self.cfg.mask_ratio, self.span_pmf, rng)
         src = self.infill_prefix + masked[1:-1].tolist() + self.infill_suffix

@@ -56,6 +56,22 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
 
+    def encode_head(self, text: str, n: int) -> list[int]:
+        """`encode(text)[:n]` without encoding all of a long text (a Pile book is megabytes; text infilling keeps
+        512 tokens). Encodes growing prefixes, each cut at a space between two letters or digits: both backends
+        end a word there (GPT-2's pre-tokenisation and sentencepiece's whitespace split), so every piece of a prefix
+        is a piece of the whole text."""
+        chars = 8 * n  # about 4 characters per piece in English
+        while chars < len(text):
+            cut = _word_boundary(text, chars)
+            if cut is None:
+                break
+            ids = self.encode(text[:cut])
+            if len(ids) >= n:
+                return ids[:n]
+            chars *= 4
+        return self.encode(text)[:n]
+
     def _decode_text(self, ids: list[int]) -> str:
         raise NotImplementedError
 
@@ -198,6 +214,16 @@ class SentencePieceTokenizer(Tokenizer):
         if (out_dir / SPM_FILE).resolve() != self.model_file.resolve():
             shutil.copyfile(self.model_file, out_dir / SPM_FILE)
         return {"model": SPM_FILE}
+
+
+def _word_boundary(text: str, start: int) -> int | None:
+    """The first i >= start with text[i] a space between two letters or digits, or None."""
+    i = text.find(" ", max(start, 1))
+    while 0 < i < len(text) - 1:
+        if text[i - 1].isalnum() and text[i + 1].isalnum():
+            return i
+        i = text.find(" ", i + 1)
+    return None
 
 
 def _read_fairseq_dict(path: Path) -> list[str]:
