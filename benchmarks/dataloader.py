@@ -20,7 +20,9 @@ images that the trainer normalises on its device (`collate.model_inputs`); OFA's
 on the CPU, as OFA does. `data_wait_2_workers`: a consumer that takes a micro-batch every step_s (a GPU busy, the
 trainer's core free), with step_s set so the slowest 2-worker rate is 25% above its demand; the time each `next()`
 blocked. `gpu_demand_40pct_mfu`: rows/s a GPU consumes at 40% MFU (analytic FLOPs) and the loader cores that takes
-at the measured per-core rate: an estimate for sizing `data.num_workers`.
+at the measured per-core rate: an estimate for sizing `data.num_workers`. `--instructions` adds instructions per VL
+row of both readers under callgrind (0 workers), a per-core comparison that the machine's speed drift and other
+tenants do not move.
 
 Start-up (time to first batch, fresh process, files in the page cache) and peak RSS at 1k, 100k and 1M VL rows
 (plus 1/8 as many text, image and detection rows), 32-48 px images. 1k and 100k are generated and converted
@@ -34,10 +36,12 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -334,6 +338,29 @@ def run_child(mode, path, workers=0, batches=0, cfg=None, step_s=0.0) -> dict:
 # ------------------------------------------------------------------------------------------ main
 
 
+def instructions_per_row(mode: str, path: Path, batches: int = 4) -> float:
+    """Instructions per VL row under callgrind, which counts the same whatever else the machine runs: runs of 2
+    and 2 + `batches` timed micro-batches, difference over the rows. (Instructions, not time: memory stalls and
+    SIMD width are not weighed.)"""
+    counts = []
+    for n in (2, 2 + batches):
+        with tempfile.TemporaryDirectory() as tmp:
+            args = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out", sys.executable, __file__,
+                    "--child", json.dumps([mode, str(path), 0, n, {}])]
+            res = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                                 cwd=ROOT)
+        found = re.search(r"Collected : (\d+)", res.stderr)
+        if res.returncode or not found:
+            raise RuntimeError(f"callgrind {mode} {path} failed:\n{res.stderr[-3000:]}")
+        counts.append(int(found.group(1)))
+    return (counts[1] - counts[0]) / (batches * MICRO_BATCH)
+
+
+def instructions(tsv: Path, arrow: Path) -> dict:
+    ofa, ours = instructions_per_row("ofa_tsv", tsv), instructions_per_row("ofa_ds", arrow)
+    return {"ofa_tsv": ofa, "ofa_ds": ours, "ratio": ofa / ours}
+
+
 def throughput(tsv: Path, arrow: Path, batches: int, repeats: int) -> dict:
     modes = {"ofa_tsv": ("ofa_tsv", tsv, 0), "ofa_ds_0_workers": ("ofa_ds", arrow, 0),
              "ofa_ds_2_workers": ("ofa_ds", arrow, 2)}
@@ -388,6 +415,8 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=24, help="micro-batches of 8 rows timed per run")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--startup-rows", type=int, nargs="*", default=[1000, 100_000, 1_000_000])
+    p.add_argument("--instructions", action="store_true", help="also count instructions per row with callgrind "
+                   "(about 6 minutes per corpus)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -420,6 +449,14 @@ def main() -> None:
         result["startup"][str(n)] = {"ofa_tsv": run_child("ofa_tsv", tsv), "ofa_ds": run_child("ofa_ds", arrow),
                                      "tsv_bytes": sum(f.stat().st_size for f in tsv.glob("*.tsv"))}
         print(json.dumps({n: result["startup"][str(n)]}), flush=True)
+
+    if args.instructions:  # last: immune to other load, so the timed parts above can be run on a quiet machine
+        corpora = {"synthetic": ("tp_tsv", "tp_arrow"), "photos": ("photo_tsv", "photo_arrow")}
+        for name in result["throughput"]:
+            tsv, arrow = corpora[name]
+            result["throughput"][name]["instructions_per_row"] = instructions(work / tsv, work / arrow)
+            print(json.dumps({name: {"instructions_per_row": result["throughput"][name]["instructions_per_row"]}}),
+                  flush=True)
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

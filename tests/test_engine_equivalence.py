@@ -69,3 +69,20 @@ def test_two_rank_zero3_equals_single_process(tmp_path_factory):
     assert worst <= 1e-5, worst
     moved = max(float((live[k].double() - v.double()).abs().max()) for k, v in load_safetensors(ref / "init.safetensors")[1].items())
     assert moved > 1e-4  # trained weights: the updates (lr 1e-4 decaying to 0) moved them by up to 1.5e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_stages_1_and_2_train_as_zero3(stage, tmp_path, tmp_path_factory):
+    """The same 4 updates from the same weights under ZeRO-1/2 give ZeRO-3's losses and checkpoints."""
+    base = tmp_path_factory.getbasetemp()
+    data = H.tiny_data(base / "tiny_data")
+    ref = H.reference_run(base, data)
+    ds = {**H.DS_FP32_ZERO3, "zero_optimization": {"stage": stage}}
+    run = H.write_run(tmp_path, data, ds=ds, train={"steps": 4, "save_every": 2, "keep_last": 3})
+    codes, out = H.launch(2, [str(run), "--init-from", str(ref / "init.safetensors")])
+    assert codes == [0, 0], out
+    got, want = H.metrics(tmp_path / "run"), H.metrics(ref / "run")
+    assert got.keys() == want.keys() == {1, 2, 3, 4}
+    assert all(abs(got[k] - want[k]) <= 1e-5 for k in want), (got, want)
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000004"
