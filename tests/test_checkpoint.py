@@ -78,13 +78,13 @@ def test_config_diffs_name_nested_keys():
 
 @pytest.mark.slow
 def test_interrupted_runs_resume_bit_identically(tmp_path, tmp_path_factory):
-    """Killed while writing a checkpoint, resumed, signalled, resumed again: the same losses and weights as the
-    uninterrupted reference run, bit for bit."""
+    """Killed while writing a checkpoint, resumed, signalled, resumed again, with 2 loader workers per rank: the
+    same losses and weights as the uninterrupted reference run (no workers), bit for bit."""
     base = tmp_path_factory.getbasetemp()
     data = H.tiny_data(base / "tiny_data")
     ref = H.reference_run(base, data)
     run = H.write_run(tmp_path, data, train={"steps": 4, "save_every": 2, "keep_last": 3})
-    args = [str(run), "--init-from", str(ref / "init.safetensors")]
+    args = [str(run), "--init-from", str(ref / "init.safetensors"), "--set", "data.num_workers=2"]
     ckpt = tmp_path / "run" / "checkpoints"
 
     # 1. SIGKILL to every rank while rank 0 writes its ZeRO shard of checkpoint 4: checkpoint 2 stays `latest`

@@ -162,3 +162,14 @@ def test_real_corpus_and_tokenizer_cli(tmp_path, tok):
     sp = load_tokenizer(out, vocab_size=300 + 1 + 8192 + 1000)
     batch = next(iter(build_loader(corpus, sp, CFG, dp_rank=0, dp_size=1, micro_batch=8, num_workers=0)))
     assert batch["v1"]["src_tokens"].max() < sp.vocab_size
+
+
+def test_a_worker_error_reaches_the_training_thread(tok):
+    from data_fixtures import corpus as make_corpus
+
+    bad = make_corpus([vl_row("caption", caption="fine"), vl_row("qa", uid="q-17", question="q")])
+    loader = build_loader(bad, tok, CFG, dp_rank=0, dp_size=1, micro_batch=1, consumed_samples=0, num_workers=1)
+    it = iter(loader)
+    with pytest.raises(DataError, match=r"vl row 1 \(id 'q-17'\): DataError: qa row without answers"):
+        for _ in range(4):  # one of the first two micro-batches holds the bad row
+            next(it)

@@ -29,6 +29,8 @@
 from __future__ import annotations
 
 import itertools
+import queue
+import threading
 
 import numpy as np
 import torch
@@ -115,6 +117,38 @@ class _Wire(torch.utils.data.Dataset):
         return {s: None if x is None else {k: torch.as_tensor(v) for k, v in x.items()} for s, x in batch.items()}
 
 
+def _received(batches, depth: int = 2):
+    """The workers' batches, taken over `depth` ahead on a thread: reading a batch's pickle and mapping its shared
+    memory then overlaps the training step instead of sitting in it (as the DataLoader's pin-memory thread does
+    on CUDA). The workers' errors reach the training thread at its next batch."""
+    ready = queue.Queue(depth)
+    done = threading.Event()
+
+    def put(item) -> None:
+        while not done.is_set():
+            try:
+                return ready.put(item, timeout=0.1)
+            except queue.Full:
+                pass
+
+    def receive() -> None:
+        try:
+            while not done.is_set():
+                put((_Wire.unpack(next(batches)), None))
+        except BaseException as e:  # noqa: BLE001 - re-raised on the training thread
+            put((None, e))
+
+    threading.Thread(target=receive, name="ofa_ds-loader", daemon=True).start()
+    try:
+        while True:
+            batch, error = ready.get()
+            if error is not None:
+                raise error
+            yield batch
+    finally:
+        done.set()
+
+
 class Loader:
     """Endless iterable of this rank's micro-batches that knows how many global VL rows it has handed out."""
 
@@ -131,9 +165,9 @@ class Loader:
             _Wire(self.batches) if workers else self.batches, batch_size=None, sampler=itertools.count(start),
             num_workers=self.num_workers, collate_fn=_as_is, pin_memory=torch.cuda.is_available(),
         )
-        for batch in loader:
+        for batch in _received(iter(loader)) if workers else loader:
             self.consumed_samples += self.sampler.global_micro_batch
-            yield _Wire.unpack(batch) if workers else batch
+            yield batch
 
     def state_dict(self) -> dict:
         return {"consumed_samples": self.consumed_samples}
