@@ -81,6 +81,8 @@ def test_model_inputs_normalise_as_torchvision(tok, corpus, dtype):
     expected[2, :, 8:24, 8:24] = 0  # the infilling hole
     assert x["patch_images"].dtype == dtype and torch.equal(x["patch_images"], expected.to(dtype))
     assert torch.equal(x["patch_images"][2, :, 0, 0], ((torch.tensor([0.0, 100.0, 50.0]) / 255 - 0.5) / 0.5).to(dtype))
+    with pytest.raises(TypeError, match="uint8"):  # already-normalised images would be scaled twice
+        model_inputs({**v2, "patch_images": x["patch_images"]}, "cpu", dtype)
 
 
 def test_v2_is_none_without_extras(tok, corpus):
@@ -173,3 +175,36 @@ def test_a_worker_error_reaches_the_training_thread(tok):
     with pytest.raises(DataError, match=r"vl row 1 \(id 'q-17'\): DataError: qa row without answers"):
         for _ in range(4):  # one of the first two micro-batches holds the bad row
             next(it)
+
+
+@pytest.mark.slow
+def test_processes_with_live_workers_exit_cleanly(tmp_path):
+    """A process that leaves its loader mid-stream (held to the end, or dropped) exits 0: a hand-over thread left
+    inside torch at interpreter teardown used to abort about one exit in three."""
+    import subprocess
+    import sys
+
+    from ofa_ds.data.sample_corpus import SampleConfig, write_sample_corpus
+    from ofa_ds.data.tsv2arrow import ConvertConfig, convert
+
+    write_sample_corpus(SampleConfig(out=str(tmp_path / "tsv"), vl_rows=16, text_rows=4, image_rows=2,
+                                     detection_rows=2, min_size=48, max_size=64))
+    convert(ConvertConfig(src=str(tmp_path / "tsv"), out=str(tmp_path / "arrow"), workers=1))
+    script = f"""
+import sys
+from ofa_ds.config import DataConfig
+from ofa_ds.data.loader import build_loader
+from ofa_ds.data.shards import Corpus
+from ofa_ds.data.tokenizer import load_tokenizer
+cfg = DataConfig(image_size=64, extra_image_size=32, sample_patch_num=9)
+it = iter(build_loader(Corpus({str(tmp_path / "arrow")!r}), load_tokenizer("ofa_bpe"), cfg, dp_rank=0, dp_size=1,
+                       micro_batch=8, num_workers=2))
+for _ in range(int(sys.argv[1])):
+    next(it)
+if sys.argv[2] == "drop":
+    del it
+"""
+    for k in range(8):
+        res = subprocess.run([sys.executable, "-c", script, str(1 + k % 3), ("keep", "drop")[k % 2]],
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr[-2000:]

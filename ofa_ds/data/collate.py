@@ -65,6 +65,9 @@ def collate(examples: list[Example], image_size: int, pad: int) -> dict[str, tor
 def model_inputs(stream: dict[str, torch.Tensor], device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """A loader Stream on `device`, its images normalised as OFA's ToTensor + Normalize(0.5, 0.5) (bit for bit, in
     float32) and then cast to `dtype`; images without patch_mask and the holes are 0 after normalisation."""
+    if stream["patch_images"].dtype != torch.uint8:
+        raise TypeError(f"patch_images are {stream['patch_images'].dtype}; model_inputs takes the loader's uint8 "
+                        "pixels")
     out = {k: v.to(device, non_blocking=True) for k, v in stream.items() if k != "patch_holes"}
     x = out["patch_images"].float().div_(255).sub_(0.5).div_(0.5)  # (B, 3, R, R)
     r = torch.arange(x.shape[-1], device=x.device)

@@ -28,6 +28,7 @@
 """
 from __future__ import annotations
 
+import atexit
 import itertools
 import queue
 import threading
@@ -117,6 +118,18 @@ class _Wire(torch.utils.data.Dataset):
         return {s: None if x is None else {k: torch.as_tensor(v) for k, v in x.items()} for s, x in batch.items()}
 
 
+_RECEIVERS: set = set()  # (done, thread) of the running hand-over threads
+
+
+@atexit.register
+def _stop_receivers() -> None:
+    """A hand-over thread still inside torch when the interpreter tears down aborts the process ("terminate called
+    without an active exception"): stop and join them first, as the DataLoader does its pin-memory thread."""
+    for done, thread in list(_RECEIVERS):
+        done.set()
+        thread.join(timeout=60)
+
+
 def _received(batches, depth: int = 2):
     """The workers' batches, taken over `depth` ahead on a thread: reading a batch's pickle and mapping its shared
     memory then overlaps the training step instead of sitting in it (as the DataLoader's pin-memory thread does
@@ -138,7 +151,10 @@ def _received(batches, depth: int = 2):
         except BaseException as e:  # noqa: BLE001 - re-raised on the training thread
             put((None, e))
 
-    threading.Thread(target=receive, name="ofa_ds-loader", daemon=True).start()
+    thread = threading.Thread(target=receive, name="ofa_ds-loader", daemon=True)
+    handle = (done, thread)
+    _RECEIVERS.add(handle)
+    thread.start()
     try:
         while True:
             batch, error = ready.get()
@@ -147,6 +163,8 @@ def _received(batches, depth: int = 2):
             yield batch
     finally:
         done.set()
+        thread.join(timeout=60)  # it finishes the batch it is receiving
+        _RECEIVERS.discard(handle)
 
 
 class Loader:
