@@ -1,6 +1,6 @@
-"""In-kernel pieces shared by the forward and backward Triton kernels: OFA's relative buckets computed
-from position ids (the rules of relpos.py), the bias gathered from the per-layer tables, and the
-causal / padding / length mask.
+"""In-kernel pieces shared by the forward and backward Triton kernels: block loads, OFA's relative buckets
+computed from position ids (the rules of relpos.py), the bias gathered from the per-layer tables, the causal /
+padding / length mask, and a key block's logits (`key_block`, the one definition both directions use).
 
 The tables arrive transposed, (H, num_buckets) contiguous, so one head's row is contiguous and a
 gather is a pointer offset (no per-element multiply).
@@ -10,6 +10,13 @@ import triton.language as tl
 
 KIND_TEXT = tl.constexpr(1)
 KIND_IMAGE = tl.constexpr(2)
+
+
+@triton.jit
+def load_rows(X, b, h, s_b, s_h, s_t, offs, T, offs_w, W, DOT_T: tl.constexpr):
+    """Rows `offs` of sample b, head h of a (B, H, T, W) strided tensor, columns `offs_w`, as DOT_T; 0 past T, W."""
+    return tl.load(X + b * s_b + h * s_h + offs[:, None] * s_t + offs_w[None, :],
+                   mask=(offs < T)[:, None] & (offs_w < W)[None, :], other=0.0).to(DOT_T)
 
 
 @triton.jit
@@ -72,3 +79,20 @@ def logits(qk, scale, offs_m, offs_n, TK, k_pad, is_text, text_col, is_image, im
     if CAUSAL:
         allowed = allowed & (offs_m[:, None] >= offs_n[None, :])
     return tl.where(allowed, s, float("-inf"))
+
+
+@triton.jit
+def key_block(q, q_kind, q_pos, offs_m, K, V, K_KIND, K_POS, KPM, b, h, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, offs_n,
+              TK, offs_wqk, WQK, offs_wv, WV, LUT, TEXT_T, IMAGE_T, scale, MAX_POS: tl.constexpr,
+              GRID_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_TEXT: tl.constexpr,
+              HAS_IMAGE: tl.constexpr, DOT_T: tl.constexpr):
+    """Key block `offs_n`: its k and v rows and the logits of the query block against it. The forward and the dQ
+    backward both call this, so the backward recomputes exactly the logits the forward normalised."""
+    k = load_rows(K, b, h, s_kb, s_kh, s_kt, offs_n, TK, offs_wqk, WQK, DOT_T)
+    v = load_rows(V, b, h, s_vb, s_vh, s_vt, offs_n, TK, offs_wv, WV, DOT_T)
+    k_kind, k_pos, k_pad = load_tokens(K_KIND, K_POS, KPM, b, offs_n, TK, HAS_TEXT or HAS_IMAGE, HAS_KPM)
+    is_text, text_col, is_image, image_col = rel_buckets(q_kind, q_pos, k_kind, k_pos, LUT, MAX_POS, GRID_N,
+                                                         HAS_TEXT, HAS_IMAGE)
+    s = logits(tl.dot(q, tl.trans(k), input_precision="ieee"), scale, offs_m, offs_n, TK, k_pad,
+               is_text, text_col, is_image, image_col, TEXT_T, IMAGE_T, CAUSAL, HAS_KPM, HAS_TEXT, HAS_IMAGE)
+    return k, v, s

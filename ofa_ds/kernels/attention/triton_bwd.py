@@ -11,7 +11,7 @@ interpreter runs programs in order and is bit-reproducible).
 import triton
 import triton.language as tl
 
-from .triton_bias import load_tokens, logits, rel_buckets
+from .triton_bias import key_block, load_rows, load_tokens, logits, rel_buckets
 
 
 @triton.jit
@@ -28,10 +28,8 @@ def attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, KPM, Q_KIND, Q_POS, K_KIND, K_PO
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_wqk, offs_wv = tl.arange(0, WQK_P), tl.arange(0, WV_P)
     in_q = offs_m < TQ
-    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qt + offs_wqk[None, :],
-                mask=in_q[:, None] & (offs_wqk < WQK)[None, :], other=0.0).to(DOT_T)  # (BM, WQK_P)
-    do = tl.load(DO + b * s_dob + h * s_doh + offs_m[:, None] * s_dot + offs_wv[None, :],
-                 mask=in_q[:, None] & (offs_wv < WV)[None, :], other=0.0).to(DOT_T)  # (BM, WV_P)
+    q = load_rows(Q, b, h, s_qb, s_qh, s_qt, offs_m, TQ, offs_wqk, WQK, DOT_T)  # (BM, WQK_P)
+    do = load_rows(DO, b, h, s_dob, s_doh, s_dot, offs_m, TQ, offs_wv, WV, DOT_T)  # (BM, WV_P)
     o = tl.load(O + (bh * TQ + offs_m[:, None]).to(tl.int64) * WV + offs_wv[None, :],
                 mask=in_q[:, None] & (offs_wv < WV)[None, :], other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BM,) = rowsum(P * dP)
@@ -43,15 +41,9 @@ def attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, KPM, Q_KIND, Q_POS, K_KIND, K_PO
     hi = tl.minimum(TK, (pid_m + 1) * BLOCK_M) if CAUSAL else TK
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kt + offs_wqk[None, :],
-                    mask=(offs_n < TK)[:, None] & (offs_wqk < WQK)[None, :], other=0.0).to(DOT_T)  # (BN, WQK_P)
-        v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vt + offs_wv[None, :],
-                    mask=(offs_n < TK)[:, None] & (offs_wv < WV)[None, :], other=0.0).to(DOT_T)  # (BN, WV_P)
-        k_kind, k_pos, k_pad = load_tokens(K_KIND, K_POS, KPM, b, offs_n, TK, HAS_TEXT or HAS_IMAGE, HAS_KPM)
-        is_text, text_col, is_image, image_col = rel_buckets(q_kind, q_pos, k_kind, k_pos, LUT, MAX_POS, GRID_N,
-                                                             HAS_TEXT, HAS_IMAGE)
-        s = logits(tl.dot(q, tl.trans(k), input_precision="ieee"), scale, offs_m, offs_n, TK, k_pad,
-                   is_text, text_col, is_image, image_col, text_t, image_t, CAUSAL, HAS_KPM, HAS_TEXT, HAS_IMAGE)
+        k, v, s = key_block(q, q_kind, q_pos, offs_m, K, V, K_KIND, K_POS, KPM, b, h, s_kb, s_kh, s_kt, s_vb, s_vh,
+                            s_vt, offs_n, TK, offs_wqk, WQK, offs_wv, WV, LUT, text_t, image_t, scale, MAX_POS,
+                            GRID_N, CAUSAL, HAS_KPM, HAS_TEXT, HAS_IMAGE, DOT_T)  # (BN, WQK_P), (BN, WV_P), (BM, BN)
         p = tl.exp(s - lse[:, None])  # (BM, BN)
         ds = p * (tl.dot(do, tl.trans(v), input_precision="ieee") - delta[:, None])  # d loss / d logits
         dq = tl.dot(ds.to(Q.dtype.element_ty).to(DOT_T), k, dq, input_precision="ieee")
@@ -75,10 +67,8 @@ def attn_bwd_dkdv(Q, K, V, DO, DK, DV, DTEXT, DIMAGE, LSE, DELTA, KPM, Q_KIND, Q
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_wqk, offs_wv = tl.arange(0, WQK_P), tl.arange(0, WV_P)
     in_k = offs_n < TK
-    k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kt + offs_wqk[None, :],
-                mask=in_k[:, None] & (offs_wqk < WQK)[None, :], other=0.0).to(DOT_T)  # (BN, WQK_P)
-    v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vt + offs_wv[None, :],
-                mask=in_k[:, None] & (offs_wv < WV)[None, :], other=0.0).to(DOT_T)  # (BN, WV_P)
+    k = load_rows(K, b, h, s_kb, s_kh, s_kt, offs_n, TK, offs_wqk, WQK, DOT_T)  # (BN, WQK_P)
+    v = load_rows(V, b, h, s_vb, s_vh, s_vt, offs_n, TK, offs_wv, WV, DOT_T)  # (BN, WV_P)
     k_kind, k_pos, k_pad = load_tokens(K_KIND, K_POS, KPM, b, offs_n, TK, HAS_TEXT or HAS_IMAGE, HAS_KPM)
 
     dk = tl.zeros((BLOCK_N, WQK_P), tl.float32)
@@ -87,10 +77,8 @@ def attn_bwd_dkdv(Q, K, V, DO, DK, DV, DTEXT, DIMAGE, LSE, DELTA, KPM, Q_KIND, Q
     for start_m in range(lo, TQ, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         in_q = offs_m < TQ
-        q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qt + offs_wqk[None, :],
-                    mask=in_q[:, None] & (offs_wqk < WQK)[None, :], other=0.0).to(DOT_T)  # (BM, WQK_P)
-        do = tl.load(DO + b * s_dob + h * s_doh + offs_m[:, None] * s_dot + offs_wv[None, :],
-                     mask=in_q[:, None] & (offs_wv < WV)[None, :], other=0.0).to(DOT_T)  # (BM, WV_P)
+        q = load_rows(Q, b, h, s_qb, s_qh, s_qt, offs_m, TQ, offs_wqk, WQK, DOT_T)  # (BM, WQK_P)
+        do = load_rows(DO, b, h, s_dob, s_doh, s_dot, offs_m, TQ, offs_wv, WV, DOT_T)  # (BM, WV_P)
         lse = tl.load(LSE + bh * TQ + offs_m, mask=in_q, other=float("inf"))
         delta = tl.load(DELTA + bh * TQ + offs_m, mask=in_q, other=0.0)
         q_kind, q_pos, _ = load_tokens(Q_KIND, Q_POS, KPM, b, offs_m, TQ, HAS_TEXT or HAS_IMAGE, False)

@@ -10,7 +10,7 @@ probabilities are rounded to the input dtype before P @ V either way, as on the 
 import triton
 import triton.language as tl
 
-from .triton_bias import load_tokens, logits, rel_buckets
+from .triton_bias import key_block, load_rows, load_tokens
 
 
 @triton.jit
@@ -26,8 +26,7 @@ def attn_fwd(Q, K, V, O, LSE, KPM, Q_KIND, Q_POS, K_KIND, K_POS, TEXT_T, IMAGE_T
     image_t = IMAGE_T + h * ((2 * GRID_N - 1) * (2 * GRID_N - 1) + 3)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_wqk, offs_wv = tl.arange(0, WQK_P), tl.arange(0, WV_P)
-    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qt + offs_wqk[None, :],
-                mask=(offs_m < TQ)[:, None] & (offs_wqk < WQK)[None, :], other=0.0).to(DOT_T)  # (BM, WQK_P)
+    q = load_rows(Q, b, h, s_qb, s_qh, s_qt, offs_m, TQ, offs_wqk, WQK, DOT_T)  # (BM, WQK_P)
     q_kind, q_pos, _ = load_tokens(Q_KIND, Q_POS, KPM, b, offs_m, TQ, HAS_TEXT or HAS_IMAGE, False)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # running row max
@@ -36,15 +35,9 @@ def attn_fwd(Q, K, V, O, LSE, KPM, Q_KIND, Q_POS, K_KIND, K_POS, TEXT_T, IMAGE_T
     hi = tl.minimum(TK, (pid_m + 1) * BLOCK_M) if CAUSAL else TK
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kt + offs_wqk[None, :],
-                    mask=(offs_n < TK)[:, None] & (offs_wqk < WQK)[None, :], other=0.0).to(DOT_T)  # (BN, WQK_P)
-        v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vt + offs_wv[None, :],
-                    mask=(offs_n < TK)[:, None] & (offs_wv < WV)[None, :], other=0.0).to(DOT_T)  # (BN, WV_P)
-        k_kind, k_pos, k_pad = load_tokens(K_KIND, K_POS, KPM, b, offs_n, TK, HAS_TEXT or HAS_IMAGE, HAS_KPM)
-        is_text, text_col, is_image, image_col = rel_buckets(q_kind, q_pos, k_kind, k_pos, LUT, MAX_POS, GRID_N,
-                                                             HAS_TEXT, HAS_IMAGE)
-        s = logits(tl.dot(q, tl.trans(k), input_precision="ieee"), scale, offs_m, offs_n, TK, k_pad,
-                   is_text, text_col, is_image, image_col, text_t, image_t, CAUSAL, HAS_KPM, HAS_TEXT, HAS_IMAGE)
+        k, v, s = key_block(q, q_kind, q_pos, offs_m, K, V, K_KIND, K_POS, KPM, b, h, s_kb, s_kh, s_kt, s_vb, s_vh,
+                            s_vt, offs_n, TK, offs_wqk, WQK, offs_wv, WV, LUT, text_t, image_t, scale, MAX_POS,
+                            GRID_N, CAUSAL, HAS_KPM, HAS_TEXT, HAS_IMAGE, DOT_T)  # (BN, WQK_P), (BN, WV_P), (BM, BN)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet: exp(-inf) = 0
         p = tl.exp(s - m_safe[:, None])
