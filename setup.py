@@ -1,12 +1,15 @@
 """ofa-ds: OFA-style multimodal seq2seq pretraining on DeepSpeed + Megatron.
 
+The data loader's C extension (csrc/resample, Pillow's bicubic resize vectorised) is built with the
+package; if it cannot be compiled, the loader uses Pillow's own resize (same pixels, slower).
+
 torch is pinned to 2.13.0 so pip never replaces an installed build (or pulls a CUDA one on CPU
 machines). The CUDA extension for the ResNet kernels (csrc/resnet) is built when CUDA is available;
 OFA_DS_BUILD_CUDA=1 forces it, OFA_DS_BUILD_CUDA=0 skips it.
 """
 import os
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 
 def cuda_extensions():
@@ -26,6 +29,9 @@ def cuda_extensions():
 
 
 ext_modules, cmdclass = cuda_extensions() if os.path.exists("ofa_ds_build.py") else ([], {})
+# -ffp-contract=off: the filter taps must be computed without FMA, as Pillow's are.
+ext_modules.append(Extension("ofa_ds.data._bicubic", ["csrc/resample/bicubic.c"], optional=True,
+                             extra_compile_args=["-O3", "-ffp-contract=off", "-std=c11"]))
 
 setup(
     name="ofa-ds",
