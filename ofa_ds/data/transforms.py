@@ -286,13 +286,10 @@ def _shear_y(img, rng):
 
 def _shift(img: Image.Image, dx: int, dy: int) -> Image.Image:
     """out(x, y) = in(x + dx, y + dy), FILL outside: OpenCV's translation by (-dx, -dy) at integer offsets."""
-    a = np.asarray(img)
-    h, w = a.shape[:2]
-    out = np.empty_like(a)
-    out[...] = FILL
-    out[max(-dy, 0) : h - max(dy, 0), max(-dx, 0) : w - max(dx, 0)] = a[max(dy, 0) : h + min(dy, 0),
-                                                                          max(dx, 0) : w + min(dx, 0)]
-    return Image.fromarray(out)
+    w, h = img.size
+    out = Image.new("RGB", img.size, FILL)
+    out.paste(img.crop((max(dx, 0), max(dy, 0), w + min(dx, 0), h + min(dy, 0))), (max(-dx, 0), max(-dy, 0)))
+    return out
 
 
 def _translate_x(img, rng):
