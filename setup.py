@@ -1,7 +1,9 @@
 """ofa-ds: OFA-style multimodal seq2seq pretraining on DeepSpeed + Megatron.
 
-The data loader's C extension (csrc/resample, Pillow's bicubic resize vectorised) is built with the
-package; if it cannot be compiled, the loader uses Pillow's own resize (same pixels, slower).
+Two small C extensions for the data side are built with the package when they compile: csrc/resample
+(Pillow's bicubic resize, vectorised; without it the loader uses Pillow's resize, same pixels, slower) and
+csrc/jpegtran (lossless progressive -> baseline JPEG at conversion; needs libjpeg's headers, e.g. Debian's
+libjpeg-dev; without it tsv2arrow stores progressive JPEGs as they are).
 
 torch is pinned to 2.13.0 so pip never replaces an installed build (or pulls a CUDA one on CPU
 machines). The CUDA extension for the ResNet kernels (csrc/resnet) is built when CUDA is available;
@@ -32,6 +34,8 @@ ext_modules, cmdclass = cuda_extensions() if os.path.exists("ofa_ds_build.py") e
 # -ffp-contract=off: the filter taps must be computed without FMA, as Pillow's are.
 ext_modules.append(Extension("ofa_ds.data._bicubic", ["csrc/resample/bicubic.c"], optional=True,
                              extra_compile_args=["-O3", "-ffp-contract=off", "-std=c11"]))
+ext_modules.append(Extension("ofa_ds.data._jpegtran", ["csrc/jpegtran/baseline.c"], libraries=["jpeg"],
+                             optional=True, extra_compile_args=["-O2", "-std=c11"]))
 
 setup(
     name="ofa-ds",
