@@ -27,6 +27,7 @@ import io
 import math
 
 import numpy as np
+import pyarrow as pa
 import simplejpeg
 from PIL import Image, ImageFile, ImageFilter
 
@@ -42,7 +43,19 @@ Image.MAX_IMAGE_PIXELS = None
 
 def to_chw(img: Image.Image | np.ndarray) -> np.ndarray:
     """RGB image or (H, W, 3) array -> uint8 (3, H, W)."""
-    return np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))
+    if isinstance(img, Image.Image):
+        img = _view(img)
+    return np.ascontiguousarray(img.transpose(2, 0, 1))
+
+
+def _view(img: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 pixels of an RGB image: a view of Pillow's RGBX memory through its Arrow export (one copy
+    fewer than np.asarray, which goes through tobytes), or a copy when the export is not available."""
+    try:
+        rgbx = pa.array(img).flatten().to_numpy(zero_copy_only=True)
+    except (AttributeError, TypeError, ValueError, pa.ArrowException):  # older Pillow; image in several blocks
+        return np.asarray(img)
+    return rgbx.reshape(img.height, img.width, 4)[..., :3]
 
 
 def resize_bicubic(pixels: np.ndarray, size: tuple[int, int], box: tuple[float, float, float, float]) -> np.ndarray:
@@ -71,13 +84,13 @@ class _Source:
         else:
             self.size = self.jpeg
 
-    def window(self, resized: tuple[int, int], left: float, top: float, out: int) -> Image.Image:
-        """The (out x out) window at (left, top) of the image bicubic-resized to `resized` (w, h)."""
+    def window(self, resized: tuple[int, int], left: float, top: float, out: int) -> np.ndarray:
+        """The (out, out, 3) window at (left, top) of the image bicubic-resized to `resized` (w, h)."""
         pixels, scale = self._decode(resized)
         sx = self.size[0] / resized[0] / scale  # decoded pixels per resized pixel
         sy = self.size[1] / resized[1] / scale
         box = (left * sx, top * sy, (left + out) * sx, (top + out) * sy)
-        return Image.fromarray(resize_bicubic(pixels, (out, out), box))
+        return resize_bicubic(pixels, (out, out), box)
 
     def rgb(self) -> np.ndarray:
         return self._decode(None)[0]
@@ -134,7 +147,7 @@ def caption_image(data: bytes, r: int, rng: np.random.Generator) -> np.ndarray:
     src = _Source(data)
     ow, oh = _random_resize(src, r, rng)
     top, left = int(round((oh - r) / 2.0)), int(round((ow - r) / 2.0))
-    return to_chw(rand_augment(src.window((ow, oh), left, top, r), rng))
+    return to_chw(rand_augment(Image.fromarray(src.window((ow, oh), left, top, r)), rng))
 
 
 def grounding_image(data: bytes, box, r: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -171,7 +184,7 @@ def detection_image(data: bytes, boxes, s: int, rng: np.random.Generator) -> tup
     # The flip is applied to the window instead of the whole image: mirror the window's position.
     img = src.window((sw, sh), sw - left - s if flip else left, top, s)
     if flip:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        img = img[:, ::-1]
     b = b - np.array([left, top, left, top], dtype=np.float32)
     b = np.clip(np.minimum(b, np.float32(s)), 0, None)
     keep = np.flatnonzero((b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1]))
