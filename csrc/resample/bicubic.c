@@ -3,8 +3,9 @@
  * Same coefficients (double precision, 22-bit fixed point), same two passes in the same order through an 8-bit
  * intermediate, same rounding and clipping as Pillow 13's libImaging/Resample.c. What differs is the
  * loop order: each pass runs as "output line += input line * coefficient" over whole contiguous lines, which the
- * compiler vectorises (AVX2 when the CPU has it, chosen at load time), and the horizontal pass does so on a
- * transposed copy of the input. Pillow's scalar loops take about 5 ms for a 384 x 384 window on one core.
+ * compiler vectorises (AVX2 when the CPU has it, chosen at load time), and the horizontal pass does so on
+ * transposed strips of the input. Pillow's scalar loops take about 5.5 ms for a 384 x 384 window on one core of
+ * the CI machine, this about 2.2 ms.
  *
  * Python: resize(src, w, h, (x0, y0, x1, y1), dst, out_w, out_h) with src a C-contiguous uint8 (h, w, 3) buffer
  * and dst a writable uint8 (out_h, out_w, 3) one; box coordinates are cast to float as Pillow's are.
@@ -182,7 +183,7 @@ static int resample(const uint8_t *src, int w, int h, const float box[4], uint8_
     uint8_t *tmp = NULL;
     const int need_h = ow != w || box[0] != 0 || box[2] != ow;
     const int need_v = oh != h || box[1] != 0 || box[3] != oh;
-    // Pillow >= 13 runs the vertical pass first when the height shrinks by more than twice as many pixels as the width.
+    // Pillow >= 13: vertical pass first when the height loses more than twice as many pixels as the width.
     const int horizontal_first = !((h - oh) > 0 && (h - oh) > (w - ow) * 2);
     if ((need_h && horizontal_first) || need_v) {
         if (!(kv_size = coeffs(h, box[1], box[3], oh, &bv, &kv))) goto done;

@@ -69,6 +69,10 @@ def extensions() -> dict:
             out[op] = "JIT on first use" if builder.is_compatible(verbose=False) else "incompatible"
     out["ofa_ds resnet_cuda"] = " - ".join(extension_status().values())
     out["triton"] = "available" if triton_available() else "not installed"
+    from ofa_ds.data import transforms, tsv_rows
+
+    out["ofa_ds bicubic"] = "built" if transforms._bicubic else "not built: Pillow's resize (same pixels, slower)"
+    out["ofa_ds jpegtran"] = "built" if tsv_rows._jpegtran else "not built: tsv2arrow keeps progressive JPEGs"
     return out
 
 
