@@ -5,7 +5,8 @@
 
 Throughput (samples/s = VL rows/s; each row gives 2 v1 examples, every 8th row 4 v2 examples more), OFA's
 settings: 384 px v1, 256 px v2, 196 sampled patches, micro-batch 8 rows, on the synthetic sample corpus (and,
-with --photos, the same corpus with its VL and detection images replaced by those photographs):
+with --photos, the same corpus with its VL and detection images replaced by those photographs; OFA reads them
+from the TSV as they are, ofa_ds from shards that tsv2arrow wrote, where progressive JPEGs are baseline ones):
 - `ofa_ds`: build_loader over the Arrow shards, 0 workers (one core) and 2 workers.
 - `ofa_tsv`: OFA's reader and chain in one process as OFA's scripts run it (num_workers=0): a full line-offset
   scan of each TSV at start, sequential `readline` per row (row index ignored), tab split, urlsafe base64
