@@ -20,8 +20,10 @@ the process's CPU time, which the other tenants of a shared machine do not infla
 images that the trainer normalises on its device (`collate.model_inputs`); OFA's carry float32 images normalised
 on the CPU, as OFA does. `data_wait_2_workers`: a consumer that takes a micro-batch every step_s (a GPU busy, the
 trainer's core free), with step_s set so the slowest 2-worker rate is 25% above its demand; the time each `next()`
-blocked. `gpu_demand_40pct_mfu`: rows/s a GPU consumes at 40% MFU (analytic FLOPs) and the loader cores that takes
-at the measured per-core rate: an estimate for sizing `data.num_workers`. `--instructions` adds instructions per VL
+blocked. `two_processes_scaling`: two 0-worker loaders run at once, their summed rows/s over the 0-worker median:
+what this machine's 2 cores give independent processes, the ceiling for the 2-worker speedup.
+`gpu_demand_40pct_mfu`: rows/s a GPU consumes at 40% MFU (analytic FLOPs) and the loader cores that takes at the
+measured per-core rate: an estimate for sizing `data.num_workers`. `--instructions` adds instructions per VL
 row of both readers under callgrind (0 workers), a per-core comparison that the machine's speed drift and other
 tenants do not move.
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import concurrent.futures
 import io
 import json
 import os
@@ -379,6 +382,10 @@ def throughput(tsv: Path, arrow: Path, batches: int, repeats: int) -> dict:
     slowest = min(r["rows_per_s"] for r in runs["ofa_ds_2_workers"])
     step_s = MICRO_BATCH / (0.8 * slowest)
     consumer = run_child("ofa_ds", arrow, 2, batches, step_s=step_s)
+    # What 2 cores give 2 independent 0-worker loaders (no hand-over, no shared trainer): the ceiling of the 2-worker
+    # speedup on this machine, as a multiple of one loader alone.
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        pair = [r["rows_per_s"] for r in pool.map(lambda _: run_child("ofa_ds", arrow, 0, batches), range(2))]
     return {
         "rows_per_s": med,
         "rows_per_cpu_s": med_cpu,
@@ -386,6 +393,7 @@ def throughput(tsv: Path, arrow: Path, batches: int, repeats: int) -> dict:
         "speedup_per_core_cpu": ratio("ofa_ds_0_workers", "ofa_tsv", "rows_per_cpu_s"),
         "speedup_2_workers_vs_ofa": ratio("ofa_ds_2_workers", "ofa_tsv"),
         "data_wait_2_workers": {k: consumer[k] for k in ("step_s", "wait_mean_s", "wait_max_s", "steps")},
+        "two_processes_scaling": sum(pair) / med["ofa_ds_0_workers"],
         "runs": runs,
     }
 
