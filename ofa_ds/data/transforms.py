@@ -6,7 +6,7 @@ Outputs are uint8 (3, R, R) RGB arrays; ToTensor + Normalize(0.5, 0.5) happen wh
 does. Three things make the chain cheaper than OFA's without moving any pixel: JPEGs are decoded by libjpeg-turbo's
 TurboJPEG API (simplejpeg; Pillow's pixels, faster); resize and crop are one bicubic resize of the kept window
 (Pillow's `Image.resize(box=...)`), run by the vectorised C extension `_bicubic` (csrc/resample; Pillow's pixels,
-about 3x faster) when it is built; and JPEGs are decoded with DCT scaling by 1/2..1/8 (Pillow's `draft`) when the
+about 2.5x faster) when it is built; and JPEGs are decoded with DCT scaling by 1/2..1/8 (Pillow's `draft`) when the
 decoded image stays at least as large as the resize target. DCT scaling changes pixel values slightly (a different
 low-pass filter), not positions; it is the one exception.
 

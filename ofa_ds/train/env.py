@@ -52,6 +52,7 @@ def extensions() -> dict:
     from deepspeed.accelerator import get_accelerator
     from torch.utils.cpp_extension import _get_build_directory
 
+    from ofa_ds.data import transforms, tsv_rows
     from ofa_ds.kernels.attention import triton_available
     from ofa_ds.kernels.resnet.cuda_ext import extension_status
 
@@ -69,8 +70,6 @@ def extensions() -> dict:
             out[op] = "JIT on first use" if builder.is_compatible(verbose=False) else "incompatible"
     out["ofa_ds resnet_cuda"] = " - ".join(extension_status().values())
     out["triton"] = "available" if triton_available() else "not installed"
-    from ofa_ds.data import transforms, tsv_rows
-
     out["ofa_ds bicubic"] = "built" if transforms._bicubic else "not built: Pillow's resize (same pixels, slower)"
     out["ofa_ds jpegtran"] = "built" if tsv_rows._jpegtran else "not built: tsv2arrow keeps progressive JPEGs"
     return out
