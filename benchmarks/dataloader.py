@@ -425,7 +425,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--startup-rows", type=int, nargs="*", default=[1000, 100_000, 1_000_000])
     p.add_argument("--instructions", action="store_true", help="also count instructions per row with callgrind "
-                   "(about 6 minutes per corpus)")
+                   "(about 15 minutes per corpus)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:

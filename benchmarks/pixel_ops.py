@@ -1,0 +1,75 @@
+"""Per-call time of the loader's pixel steps against what they replace (one core, medians of repeats).
+
+    python benchmarks/pixel_ops.py [--photo f3.jpg] [--out benchmarks/results/pixel_ops.json]
+
+- resize: the 384 px caption window of a 720x477 image, `_bicubic.resize` vs Pillow's `Image.resize(box=...)`.
+- decode: a progressive JPEG (--photo, else a generated one) vs the baseline file tsv2arrow stores for it.
+- transcode: tsv2arrow's `baseline_jpeg` (transcode + pixel check), the one-off conversion cost per image.
+- translate: RandAugment's 7 px shift of a 384 px image; to_chw: Pillow image -> uint8 (3, H, W).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import simplejpeg
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ofa_ds.data import transforms, tsv_rows  # noqa: E402
+
+
+def ms(fn, repeats: int = 7, calls: int = 20) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) / calls * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--photo", help="a progressive JPEG photograph")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pixel_ops.json"))
+    args = p.parse_args()
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (477, 720, 3), dtype=np.uint8)
+    box = (147.3, 25.1, 573.4, 451.2)
+    img384 = Image.fromarray(pixels[:384, :384])
+    if args.photo:
+        progressive = Path(args.photo).read_bytes()
+    else:
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "JPEG", quality=90, progressive=True)
+        progressive = buf.getvalue()
+    baseline = tsv_rows.baseline_jpeg(progressive)
+    res = {
+        "resize_c_ms": ms(lambda: transforms.resize_bicubic(pixels, (384, 384), box)),
+        "resize_pillow_ms": ms(lambda: Image.fromarray(pixels).resize((384, 384), Image.BICUBIC, box=box)),
+        "decode_progressive_ms": ms(lambda: simplejpeg.decode_jpeg(progressive, "RGB")),
+        "decode_baseline_ms": ms(lambda: simplejpeg.decode_jpeg(baseline, "RGB")),
+        "transcode_and_check_ms": ms(lambda: tsv_rows.baseline_jpeg(progressive), calls=5),
+        "baseline_bytes_ratio": len(baseline) / len(progressive),
+        "translate_ms": ms(lambda: transforms._shift(img384, 7, 0)),
+        "to_chw_ms": ms(lambda: transforms.to_chw(img384)),
+        "to_chw_np_asarray_ms": ms(lambda: np.ascontiguousarray(np.asarray(img384).transpose(2, 0, 1))),
+        "extensions": {"bicubic": transforms._bicubic is not None, "jpegtran": tsv_rows._jpegtran is not None},
+    }
+    print(json.dumps(res, indent=1))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
