@@ -2,7 +2,8 @@
 
     python benchmarks/pixel_ops.py [--photo f3.jpg] [--out benchmarks/results/pixel_ops.json]
 
-- resize: the 384 px caption window of a 720x477 image, `_bicubic.resize` vs Pillow's `Image.resize(box=...)`.
+- resize: the 384 px caption window of a 720x477 image, `_bicubic.resize` vs Pillow's `Image.resize(box=...)`;
+  resize_up: a 300x300 image (the generated corpus's sizes) to 384x384.
 - decode: a progressive JPEG (--photo, else a generated one) vs the baseline file tsv2arrow stores for it.
 - transcode: tsv2arrow's `baseline_jpeg` (transcode + pixel check), the one-off conversion cost per image.
 - translate: RandAugment's 7 px shift of a 384 px image; to_chw: Pillow image -> uint8 (3, H, W).
@@ -57,6 +58,8 @@ def main() -> None:
     res = {
         "resize_c_ms": ms(lambda: transforms.resize_bicubic(pixels, (384, 384), box)),
         "resize_pillow_ms": ms(lambda: Image.fromarray(pixels).resize((384, 384), Image.BICUBIC, box=box)),
+        "resize_up_c_ms": ms(lambda: transforms.resize_bicubic(pixels[:300, :300], (384, 384), (0, 0, 300, 300))),
+        "resize_up_pillow_ms": ms(lambda: Image.fromarray(pixels[:300, :300]).resize((384, 384), Image.BICUBIC)),
         "decode_progressive_ms": ms(lambda: simplejpeg.decode_jpeg(progressive, "RGB")),
         "decode_baseline_ms": ms(lambda: simplejpeg.decode_jpeg(baseline, "RGB")),
         "transcode_and_check_ms": ms(lambda: tsv_rows.baseline_jpeg(progressive), calls=5),

@@ -50,6 +50,17 @@ def test_bicubic_equals_pillow():
 
 
 @needs_ext
+def test_plain_c_loop_equals_pillow():
+    """The loop CPUs without AVX2 run (the AVX2 one is what the test above runs on this machine)."""
+    rng = np.random.default_rng(1)
+    for pixels, (ow, oh), box in _cases(rng, 100):
+        expected = np.asarray(Image.fromarray(pixels).resize((ow, oh), Image.BICUBIC, box=box))
+        got = np.empty((oh, ow, 3), np.uint8)
+        transforms._bicubic.resize(pixels, pixels.shape[1], pixels.shape[0], box, got, ow, oh, False)
+        assert (got == expected).all(), (pixels.shape, (ow, oh), box)
+
+
+@needs_ext
 @pytest.mark.parametrize("src, size, box", [
     ((477, 720), (384, 384), (147.3, 25.1, 573.4, 451.2)),  # the caption window of a landscape photo
     ((720, 477), (384, 384), (25.1, 147.3, 451.2, 573.4)),  # portrait: Pillow >= 13 runs the vertical pass first

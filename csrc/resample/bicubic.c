@@ -2,12 +2,13 @@
  *
  * Same coefficients (double precision, 22-bit fixed point), same two passes in the same order through an 8-bit
  * intermediate, same rounding and clipping as Pillow 13's libImaging/Resample.c. What differs is the
- * loop order: each pass runs as "output line += input line * coefficient" over whole contiguous lines, which the
- * compiler vectorises (AVX2 when the CPU has it, chosen at load time), and the horizontal pass does so on
- * transposed strips of the input. Pillow's scalar loops take about 5.5 ms for a 384 x 384 window on one core of
- * the CI machine, this about 2.2 ms.
+ * loop order: each pass runs as "output line = sum of input lines * coefficients" over whole contiguous lines (AVX2,
+ * 32 bytes at a time with their sums in registers, when the CPU has it; plain C otherwise), and the horizontal
+ * pass does so on transposed strips of the input. The sums are exact integers, so their order does not matter.
+ * A 384 x 384 window: Pillow's scalar loops about 5.5-7 ms on one core of the CI machine, this about 1 ms
+ * (benchmarks/pixel_ops.py).
  *
- * Python: resize(src, w, h, (x0, y0, x1, y1), dst, out_w, out_h) with src a C-contiguous uint8 (h, w, 3) buffer
+ * Python: resize(src, w, h, (x0, y0, x1, y1), dst, out_w, out_h[, avx2=True]) with src a C-contiguous uint8 (h, w, 3) buffer
  * and dst a writable uint8 (out_h, out_w, 3) one; box coordinates are cast to float as Pillow's are.
  */
 #define PY_SSIZE_T_CLEAN
@@ -18,12 +19,6 @@
 #include <string.h>
 
 #define PRECISION_BITS (32 - 8 - 2)
-
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
-#define VECTORISED __attribute__((target_clones("avx2", "default")))
-#else
-#define VECTORISED
-#endif
 
 static double bicubic_filter(double x) {
     const double a = -0.5;
@@ -78,10 +73,14 @@ static int coeffs(int in_size, float in0, float in1, int out_size, int **boundsp
     return ksize;
 }
 
+static inline uint8_t clip8(int32_t acc) {
+    const int32_t v = acc >> PRECISION_BITS;
+    return v < 0 ? 0 : v > 255 ? 255 : (uint8_t)v;
+}
+
 /* out line j = clip8(sum over taps m of in line (bounds[2j] + m) * kk[j][m]), lines of n bytes; acc: n sums. */
-VECTORISED void filter_lines(uint8_t *restrict out, size_t out_stride, const uint8_t *restrict in,
-                             size_t in_stride, size_t n, int count, const int *bounds, const int32_t *kk,
-                             int ksize, int32_t *restrict acc) {
+static void filter_lines_c(uint8_t *restrict out, size_t out_stride, const uint8_t *restrict in, size_t in_stride,
+                           size_t n, int count, const int *bounds, const int32_t *kk, int ksize, int32_t *restrict acc) {
     for (int j = 0; j < count; j++) {
         const int32_t *k = kk + (size_t)j * ksize;
         const uint8_t *line = in + (size_t)bounds[2 * j] * in_stride;
@@ -91,11 +90,76 @@ VECTORISED void filter_lines(uint8_t *restrict out, size_t out_stride, const uin
             for (size_t i = 0; i < n; i++) acc[i] += line[i] * c;
         }
         uint8_t *o = out + (size_t)j * out_stride;
-        for (size_t i = 0; i < n; i++) {
-            const int32_t v = acc[i] >> PRECISION_BITS;
-            o[i] = v < 0 ? 0 : v > 255 ? 255 : (uint8_t)v;
+        for (size_t i = 0; i < n; i++) o[i] = clip8(acc[i]);
+    }
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define HAVE_AVX2_PATH 1
+
+/* The same with AVX2, 32 bytes of a line at a time with their sums in registers over all taps (the C loop above
+ * keeps them in memory: a load and a store per tap). Integer sums, so the order of the additions is immaterial. */
+__attribute__((target("avx2"))) static void filter_lines_avx2(uint8_t *restrict out, size_t out_stride,
+                                                              const uint8_t *restrict in, size_t in_stride, size_t n,
+                                                              int count, const int *bounds, const int32_t *kk,
+                                                              int ksize) {
+    const __m256i half = _mm256_set1_epi32(1 << (PRECISION_BITS - 1));
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the packs' lane interleaving
+    for (int j = 0; j < count; j++) {
+        const int32_t *k = kk + (size_t)j * ksize;
+        const uint8_t *first = in + (size_t)bounds[2 * j] * in_stride;
+        const int taps = bounds[2 * j + 1];
+        uint8_t *o = out + (size_t)j * out_stride;
+        size_t i = 0;
+        for (; i + 32 <= n; i += 32) {
+            __m256i a0 = half, a1 = half, a2 = half, a3 = half;
+            const uint8_t *p = first + i;
+            for (int m = 0; m < taps; m++, p += in_stride) {
+                const __m256i c = _mm256_set1_epi32(k[m]);
+#define TAP(a, off) a = _mm256_add_epi32(a, _mm256_mullo_epi32(c, \
+                        _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + (off))))))
+                TAP(a0, 0);
+                TAP(a1, 8);
+                TAP(a2, 16);
+                TAP(a3, 24);
+#undef TAP
+            }
+            const __m256i s01 = _mm256_packs_epi32(_mm256_srai_epi32(a0, PRECISION_BITS),
+                                                   _mm256_srai_epi32(a1, PRECISION_BITS));
+            const __m256i s23 = _mm256_packs_epi32(_mm256_srai_epi32(a2, PRECISION_BITS),
+                                                   _mm256_srai_epi32(a3, PRECISION_BITS));
+            _mm256_storeu_si256((__m256i *)(o + i), _mm256_permutevar8x32_epi32(_mm256_packus_epi16(s01, s23), order));
+        }
+        for (; i < n; i++) {
+            int32_t acc = 1 << (PRECISION_BITS - 1);
+            const uint8_t *p = first + i;
+            for (int m = 0; m < taps; m++, p += in_stride) acc += *p * k[m];
+            o[i] = clip8(acc);
         }
     }
+}
+#endif
+
+static void filter_lines(uint8_t *restrict out, size_t out_stride, const uint8_t *restrict in, size_t in_stride,
+                         size_t n, int count, const int *bounds, const int32_t *kk, int ksize, int32_t *restrict acc,
+                         int avx2) {
+#ifdef HAVE_AVX2_PATH
+    if (avx2 && __builtin_cpu_supports("avx2")) {
+        filter_lines_avx2(out, out_stride, in, in_stride, n, count, bounds, kk, ksize);
+        return;
+    }
+#endif
+    filter_lines_c(out, out_stride, in, in_stride, n, count, bounds, kk, ksize, acc);
+}
+
+/* 3-byte pixel copies as 4-byte moves: the extra byte read is the next pixel's (or the next line's), the extra
+ * byte written is overwritten by a later copy. The last pixel of each destination line is copied as 3 bytes, so
+ * no move reads past the end of the source or writes past the end of the destination. */
+static inline void px4(uint8_t *d, const uint8_t *s) {
+    uint32_t v;
+    memcpy(&v, s, 4);
+    memcpy(d, &v, 4);
 }
 
 /* dst (cols, rows, 3) = src (rows, cols, 3) transposed; src lines are src_stride bytes apart. */
@@ -103,7 +167,8 @@ static void transpose(uint8_t *restrict dst, const uint8_t *restrict src, size_t
     for (int x = 0; x < cols; x++) {
         uint8_t *d = dst + (size_t)x * rows * 3;
         const uint8_t *s = src + (size_t)x * 3;
-        for (int r = 0; r < rows; r++, d += 3, s += src_stride) d[0] = s[0], d[1] = s[1], d[2] = s[2];
+        for (int r = 0; r < rows - 1; r++, d += 3, s += src_stride) px4(d, s);
+        d[0] = s[0], d[1] = s[1], d[2] = s[2];
     }
 }
 
@@ -113,7 +178,8 @@ static void transpose_into(uint8_t *restrict dst, size_t dst_stride, const uint8
     for (int x = 0; x < cols; x++) {
         uint8_t *d = dst + (size_t)x * dst_stride;
         const uint8_t *s = src + (size_t)x * 3;
-        for (int r = 0; r < rows; r++, d += 3, s += (size_t)cols * 3) d[0] = s[0], d[1] = s[1], d[2] = s[2];
+        for (int r = 0; r < rows - 1; r++, d += 3, s += (size_t)cols * 3) px4(d, s);
+        d[0] = s[0], d[1] = s[1], d[2] = s[2];
     }
 }
 
@@ -149,7 +215,7 @@ static void scratch_trim(void) {
  * when out of memory. */
 #define STRIP 64
 static int horizontal(uint8_t *out, const uint8_t *in, int w, int first, int rows, int ow, int *bounds,
-                      const int32_t *kk, int ksize) {
+                      const int32_t *kk, int ksize, int avx2) {
     const int left = bounds[0], width = bounds[2 * ow - 2] + bounds[2 * ow - 1] - left;  // input columns read
     for (int i = 0; i < ow; i++) bounds[2 * i] -= left;
     uint8_t *cols = scratch(COLS, (size_t)width * STRIP * 3), *cols_out = scratch(COLS_OUT, (size_t)ow * STRIP * 3);
@@ -159,7 +225,7 @@ static int horizontal(uint8_t *out, const uint8_t *in, int w, int first, int row
         const int ny = rows - y0 < STRIP ? rows - y0 : STRIP;
         const size_t n = (size_t)ny * 3;
         transpose(cols, in + ((size_t)(first + y0) * w + left) * 3, (size_t)w * 3, ny, width);
-        filter_lines(cols_out, n, cols, n, n, ow, bounds, kk, ksize, acc);
+        filter_lines(cols_out, n, cols, n, n, ow, bounds, kk, ksize, acc, avx2);
         transpose_into(out + (size_t)y0 * ow * 3, (size_t)ow * 3, cols_out, ow, ny);
     }
     return 0;
@@ -167,16 +233,16 @@ static int horizontal(uint8_t *out, const uint8_t *in, int w, int first, int row
 
 /* out (oh, w, 3) = the vertical pass over in (.., w, 3). Returns 0, or -1 when out of memory. */
 static int vertical(uint8_t *out, const uint8_t *in, int w, int oh, const int *bounds, const int32_t *kk,
-                    int ksize) {
+                    int ksize, int avx2) {
     int32_t *acc = scratch(ACC, (size_t)w * 3 * sizeof(int32_t));
     if (!acc) return -1;
-    filter_lines(out, (size_t)w * 3, in, (size_t)w * 3, (size_t)w * 3, oh, bounds, kk, ksize, acc);
+    filter_lines(out, (size_t)w * 3, in, (size_t)w * 3, (size_t)w * 3, oh, bounds, kk, ksize, acc, avx2);
     return 0;
 }
 
 /* Pillow 13's ImagingResampleInner: which passes run, in which order, over which lines. Returns 0, or -1 when
  * out of memory. */
-static int resample(const uint8_t *src, int w, int h, const float box[4], uint8_t *dst, int ow, int oh) {
+static int resample(const uint8_t *src, int w, int h, const float box[4], uint8_t *dst, int ow, int oh, int avx2) {
     int *bv = NULL, *bh = NULL;
     int32_t *kv = NULL, *kh = NULL;
     int kv_size = 0, kh_size = 0, status = -1;
@@ -193,19 +259,19 @@ static int resample(const uint8_t *src, int w, int h, const float box[4], uint8_
         memcpy(dst, src, (size_t)oh * ow * 3);
         status = 0;
     } else if (!need_h) {
-        status = vertical(dst, src, w, oh, bv, kv, kv_size);
+        status = vertical(dst, src, w, oh, bv, kv, kv_size, avx2);
     } else if (horizontal_first) {
         const int first = bv[0], rows = bv[2 * oh - 2] + bv[2 * oh - 1] - first;  // input lines read
         for (int i = 0; i < oh; i++) bv[2 * i] -= first;
         if (!need_v) {
-            status = horizontal(dst, src, w, first, rows, ow, bh, kh, kh_size);
+            status = horizontal(dst, src, w, first, rows, ow, bh, kh, kh_size, avx2);
         } else if ((tmp = scratch(TMP, (size_t)rows * ow * 3))) {
-            status = horizontal(tmp, src, w, first, rows, ow, bh, kh, kh_size);
-            if (!status) status = vertical(dst, tmp, ow, oh, bv, kv, kv_size);
+            status = horizontal(tmp, src, w, first, rows, ow, bh, kh, kh_size, avx2);
+            if (!status) status = vertical(dst, tmp, ow, oh, bv, kv, kv_size, avx2);
         }
     } else if ((tmp = scratch(TMP, (size_t)oh * w * 3))) {  // vertical first (need_v holds: h > oh)
-        status = vertical(tmp, src, w, oh, bv, kv, kv_size);
-        if (!status) status = horizontal(dst, tmp, w, 0, oh, ow, bh, kh, kh_size);
+        status = vertical(tmp, src, w, oh, bv, kv, kv_size, avx2);
+        if (!status) status = horizontal(dst, tmp, w, 0, oh, ow, bh, kh, kh_size, avx2);
     }
 done:
     free(bv), free(kv), free(bh), free(kh);
@@ -217,8 +283,9 @@ static PyObject *resize(PyObject *self, PyObject *args) {
     Py_buffer src, dst;
     int w, h, ow, oh;
     float box[4];
-    if (!PyArg_ParseTuple(args, "y*ii(ffff)w*ii", &src, &w, &h, &box[0], &box[1], &box[2], &box[3], &dst, &ow,
-                          &oh))
+    int avx2 = 1;
+    if (!PyArg_ParseTuple(args, "y*ii(ffff)w*ii|p", &src, &w, &h, &box[0], &box[1], &box[2], &box[3], &dst, &ow,
+                          &oh, &avx2))
         return NULL;
     PyObject *result = NULL;
     if (w <= 0 || h <= 0 || ow <= 0 || oh <= 0 || src.len != (Py_ssize_t)w * h * 3 ||
@@ -231,7 +298,7 @@ static PyObject *resize(PyObject *self, PyObject *args) {
     } else {
         int status;
         Py_BEGIN_ALLOW_THREADS
-        status = resample(src.buf, w, h, box, dst.buf, ow, oh);
+        status = resample(src.buf, w, h, box, dst.buf, ow, oh, avx2);
         Py_END_ALLOW_THREADS
         if (status) PyErr_NoMemory();
         else result = Py_NewRef(Py_None);
