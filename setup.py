@@ -34,6 +34,8 @@ ext_modules, cmdclass = cuda_extensions() if os.path.exists("ofa_ds_build.py") e
 # -ffp-contract=off: the filter taps must be computed without FMA, as Pillow's are.
 ext_modules.append(Extension("ofa_ds.data._bicubic", ["csrc/resample/bicubic.c"], optional=True,
                              extra_compile_args=["-O3", "-ffp-contract=off", "-std=c11"]))
+ext_modules.append(Extension("ofa_ds.data._warp", ["csrc/resample/affine.c"], optional=True,
+                             extra_compile_args=["-O3", "-ffp-contract=off", "-std=c11"]))
 ext_modules.append(Extension("ofa_ds.data._jpegtran", ["csrc/jpegtran/baseline.c"], libraries=["jpeg"],
                              optional=True, extra_compile_args=["-O2", "-std=c11"]))
 

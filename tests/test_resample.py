@@ -1,6 +1,9 @@
-"""The C bicubic resize (csrc/resample/bicubic.c) against Pillow's `Image.resize(size, BICUBIC, box=...)`: bit for
-bit, over random sizes, windows, up- and downscales and both of Pillow's pass orders."""
+"""The C extensions of csrc/resample against Pillow, bit for bit: the bicubic resize (bicubic.c) against
+`Image.resize(size, BICUBIC, box=...)` over random sizes, windows, up- and downscales and both of Pillow's pass
+orders; the bilinear affine warp (affine.c) against `Image.transform(size, AFFINE, ..., BILINEAR, fillcolor=...)`
+over RandAugment's shears and rotations and random matrices."""
 import io
+import math
 import platform
 
 import numpy as np
@@ -13,9 +16,9 @@ needs_ext = pytest.mark.skipif(transforms._bicubic is None, reason="C extension 
 
 
 def test_extension_is_built_on_linux_x86_64():
-    """`pip install` compiles it wherever there is a C compiler; CI must not silently test only the fallback."""
+    """`pip install` compiles them wherever there is a C compiler; CI must not silently test only the fallback."""
     if platform.system() == "Linux" and platform.machine() == "x86_64":
-        assert transforms._bicubic is not None
+        assert transforms._bicubic is not None and transforms._warp is not None
 
 
 def _image(rng, h, w, smooth):
@@ -88,9 +91,56 @@ def test_bicubic_rejects_bad_buffers_and_boxes():
         transforms._bicubic.resize(pixels, 20, 10, (0, 0, 21, 10), out, 5, 5)
 
 
+def _warps(rng, n):
+    for t in range(n):
+        h, w = (384, 384) if t % 5 == 0 else (int(v) for v in rng.integers(1, 120, 2))
+        kind = t % 4
+        if kind == 0:  # RandAugment's shear_x, shear_y and rotate, both signs
+            m = [[1, rng.choice([-0.21, 0.21]), 0], [0, 1, 0]]
+        elif kind == 1:
+            m = [[1, 0, 0], [rng.choice([-0.21, 0.21]), 1, 0]]
+        elif kind == 2:
+            d = math.radians(rng.choice([-21, 21]))
+            a, b = math.cos(d), math.sin(d)
+            m = [[a, b, (1 - a) * w / 2 - b * h / 2], [-b, a, b * w / 2 + (1 - a) * h / 2]]
+        else:  # anything: scaling, reflection, large offsets
+            m = (rng.normal(0, 1, (2, 3)) * [1, 1, 20]).tolist()
+        yield _image(rng, h, w, t % 2 == 0), m
+
+
+@needs_ext
+def test_warp_equals_pillow():
+    """Both source layouts (an array, Pillow's RGBX memory) and both loops (AVX2, plain C)."""
+    rng = np.random.default_rng(4)
+    for pixels, m in _warps(rng, 200):
+        h, w = pixels.shape[:2]
+        inv = np.linalg.inv(np.vstack([m, [0, 0, 1]]))[:2]
+        coeffs = tuple(inv.reshape(-1).tolist())
+        img = Image.fromarray(pixels)
+        expected = np.asarray(img.transform((w, h), Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR,
+                                            fillcolor=transforms.FILL))
+        rgbx = transforms._rgbx(img)
+        assert rgbx is not None and rgbx.shape == (h, w, 4)
+        for src in (pixels, rgbx):
+            for avx2 in (True, False):
+                got = np.empty((h, w, 3), np.uint8)
+                transforms._warp.affine(src, w, h, src.shape[2], coeffs, got, transforms.FILL, avx2)
+                assert (got == expected).all(), (pixels.shape, m, src.shape, avx2)
+        assert (np.asarray(transforms._affine(img, m)) == np.asarray(transforms._affine(pixels, m))).all()
+
+
+@needs_ext
+def test_warp_rejects_bad_buffers():
+    pixels = np.zeros((10, 20, 3), np.uint8)
+    with pytest.raises(ValueError, match="need a 10 x 21 x 3 or 4 source.*got 600"):
+        transforms._warp.affine(pixels, 21, 10, 3, (1, 0, 0, 0, 1, 0), np.empty((10, 21, 3), np.uint8), (0, 0, 0))
+    with pytest.raises(ValueError, match="5 bytes per pixel"):
+        transforms._warp.affine(pixels, 20, 10, 5, (1, 0, 0, 0, 1, 0), np.empty((10, 20, 3), np.uint8), (0, 0, 0))
+
+
 @needs_ext
 def test_pillow_fallback_gives_the_same_examples(monkeypatch):
-    """Without the extension the transforms resize with Pillow: every image comes out the same."""
+    """Without the extensions the transforms resize and warp with Pillow: every image comes out the same."""
     rng = np.random.default_rng(2)
     a = rng.integers(0, 256, (233, 311, 3), dtype=np.uint8)
     buf = io.BytesIO()
@@ -99,10 +149,12 @@ def test_pillow_fallback_gives_the_same_examples(monkeypatch):
 
     def images():
         g = np.random.default_rng(3)
-        return [transforms.caption_image(data, 96, g), transforms.grounding_image(data, (20, 30, 120, 90), 96, g)[0],
+        captions = [transforms.caption_image(data, 96, g) for _ in range(24)]  # RandAugment: every op several times
+        return [*captions, transforms.grounding_image(data, (20, 30, 120, 90), 96, g)[0],
                 transforms.detection_image(data, [(20, 30, 120, 90)], 80, g)[0], transforms.infilling_image(data, 64)]
 
     fast = images()
     monkeypatch.setattr(transforms, "_bicubic", None)
-    for x, y in zip(fast, images()):
+    monkeypatch.setattr(transforms, "_warp", None)
+    for x, y in zip(fast, images(), strict=True):
         assert x.shape == y.shape and (x == y).all()

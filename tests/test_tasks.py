@@ -242,8 +242,10 @@ def test_decoding_gives_pillows_pixels(kind):
 def test_rand_augment_ops_keep_size_and_are_seeded():
     img = Image.open(io.BytesIO(encode_image(64, 48, box=(10, 10, 40, 30)))).convert("RGB")
     for op in transforms.RAND_AUGMENT_OPS:
-        out = op(img, rng())
-        assert out.size == img.size and out.mode == "RGB"
+        for src in (img, np.asarray(img)):  # the ops take a Pillow image or an array
+            out = op(src, rng())
+            assert transforms.to_chw(out).shape == (3, 48, 64)
+            assert (np.asarray(out) == np.asarray(op(img, rng()))).all()
     for dx, dy in ((7, 0), (-7, 0), (0, 7), (0, -7)):  # integer shifts = OpenCV's bilinear translation
         shifted = transforms._affine(img, [[1, 0, -dx], [0, 1, -dy]])
         assert (np.asarray(transforms._shift(img, dx, dy)) == np.asarray(shifted)).all()

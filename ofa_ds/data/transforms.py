@@ -3,12 +3,15 @@ utils/vision_helper.py), each drawing from the per-sample numpy Generator it is 
 
 Outputs are uint8 (3, R, R) RGB arrays; ToTensor + Normalize(0.5, 0.5) happen where the model runs
 (`collate.model_inputs`). Boxes are float32 pixels of the output image, computed in float32 as OFA's torch code
-does. Three things make the chain cheaper than OFA's without moving any pixel: JPEGs are decoded by libjpeg-turbo's
+does. What makes the chain cheaper than OFA's without moving any pixel: JPEGs are decoded by libjpeg-turbo's
 TurboJPEG API (simplejpeg; Pillow's pixels, faster); resize and crop are one bicubic resize of the kept window
 (Pillow's `Image.resize(box=...)`), run by the vectorised C extension `_bicubic` (csrc/resample; Pillow's pixels,
-about 2.5x faster) when it is built; and JPEGs are decoded with DCT scaling by 1/2..1/8 (Pillow's `draft`) when the
-decoded image stays at least as large as the resize target. DCT scaling changes pixel values slightly (a different
-low-pass filter), not positions; it is the one exception.
+about 6x faster) when it is built; RandAugment's shear and rotate run in the C extension `_warp` (csrc/resample;
+Pillow's bilinear `Image.transform` pixels, about 2.5x faster) when it is built, and its ops take a Pillow image or
+an (H, W, 3) array, so an image becomes a Pillow one only for the ops written with Pillow; and JPEGs are decoded
+with DCT scaling by 1/2..1/8 (Pillow's `draft`) when the decoded image stays at least as large as the resize
+target. DCT scaling changes pixel values slightly (a different low-pass filter), not positions; it is the one
+exception.
 
 For image sizes other than OFA's 384 the v1 resize range scales with it: shorter side in [R, 5R/4], each side
 capped at 7R/4 (384 -> 384..480, cap 672).
@@ -31,10 +34,10 @@ import pyarrow as pa
 import simplejpeg
 from PIL import Image, ImageFile, ImageFilter
 
-try:
-    from ofa_ds.data import _bicubic  # csrc/resample, compiled by `pip install`
-except ImportError:  # not compiled (no C compiler at install): Pillow's resize, the same pixels
-    _bicubic = None
+try:  # csrc/resample, compiled by `pip install`
+    from ofa_ds.data import _bicubic, _warp
+except ImportError:  # not compiled (no C compiler at install): Pillow's resize and transform, the same pixels
+    _bicubic = _warp = None
 
 # As OFA: accept truncated files and images of any size (the corpus is trusted training data).
 ImageFile.LOAD_TRUNCATED_IMAGES = True
@@ -44,18 +47,27 @@ Image.MAX_IMAGE_PIXELS = None
 def to_chw(img: Image.Image | np.ndarray) -> np.ndarray:
     """RGB image or (H, W, 3) array -> uint8 (3, H, W)."""
     if isinstance(img, Image.Image):
-        img = _view(img)
+        rgbx = _rgbx(img)
+        img = np.asarray(img) if rgbx is None else rgbx[..., :3]
     return np.ascontiguousarray(img.transpose(2, 0, 1))
 
 
-def _view(img: Image.Image) -> np.ndarray:
-    """(H, W, 3) uint8 pixels of an RGB image: a view of Pillow's RGBX memory through its Arrow export (one copy
-    fewer than np.asarray, which goes through tobytes), or a copy when the export is not available."""
+def _rgbx(img: Image.Image) -> np.ndarray | None:
+    """Pillow's RGBX memory of an RGB image as a uint8 (H, W, 4) array, without a copy (its Arrow export; one copy
+    fewer than np.asarray, which goes through tobytes); None when the export is not available."""
     try:  # .values, not .flatten(): flatten imports pyarrow.compute, 70 ms per process
         rgbx = pa.array(img).values.to_numpy(zero_copy_only=True)
     except (AttributeError, TypeError, ValueError, pa.ArrowException):  # older Pillow; image in several blocks
-        return np.asarray(img)
-    return rgbx.reshape(img.height, img.width, 4)[..., :3]
+        return None
+    return rgbx.reshape(img.height, img.width, 4)
+
+
+def _pil(img: Image.Image | np.ndarray) -> Image.Image:
+    return img if isinstance(img, Image.Image) else Image.fromarray(img)
+
+
+def _size(img: Image.Image | np.ndarray) -> tuple[int, int]:
+    return img.size if isinstance(img, Image.Image) else (img.shape[1], img.shape[0])
 
 
 def resize_bicubic(pixels: np.ndarray, size: tuple[int, int], box: tuple[float, float, float, float]) -> np.ndarray:
@@ -147,7 +159,7 @@ def caption_image(data: bytes, r: int, rng: np.random.Generator) -> np.ndarray:
     src = _Source(data)
     ow, oh = _random_resize(src, r, rng)
     top, left = int(round((oh - r) / 2.0)), int(round((ow - r) / 2.0))
-    return to_chw(rand_augment(Image.fromarray(src.window((ow, oh), left, top, r)), rng))
+    return to_chw(rand_augment(src.window((ow, oh), left, top, r), rng))
 
 
 def grounding_image(data: bytes, box, r: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -223,7 +235,9 @@ _TRANSLATE = round(_LEVEL * 10)  # 7 px: an integer shift
 _ROTATE = _LEVEL * 30.0  # 21 degrees
 
 
-def rand_augment(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+def rand_augment(img: Image.Image | np.ndarray, rng: np.random.Generator) -> Image.Image | np.ndarray:
+    """RGB image or (H, W, 3) array -> either: the ops written with Pillow take a Pillow image (converted when
+    needed), the C warp reads both and returns an array."""
     for op in rng.integers(len(RAND_AUGMENT_OPS), size=2):
         if rng.random() > 0.5:
             continue
@@ -240,6 +254,7 @@ def _identity(img, rng):
 
 
 def _auto_contrast(img, rng):
+    img = _pil(img)
     hist = np.asarray(img.histogram()).reshape(3, 256)
     lut = []
     for ch in hist:
@@ -255,6 +270,7 @@ def _auto_contrast(img, rng):
 
 
 def _equalize(img, rng):
+    img = _pil(img)
     hist = np.asarray(img.histogram(), dtype=np.int64).reshape(3, 256)
     lut = []
     for ch in hist:
@@ -271,22 +287,31 @@ _BRIGHTNESS_LUT = (np.arange(256, dtype=np.float32) * np.float32(_ENHANCE)).clip
 
 
 def _brightness(img, rng):
-    return img.point(_BRIGHTNESS_LUT)
+    return _pil(img).point(_BRIGHTNESS_LUT)
 
 
 def _sharpness(img, rng):
     # OFA: smooth + factor * (img - smooth) with the (1 1 1; 1 5 1; 1 1 1)/13 kernel (PIL's SMOOTH), border
     # pixels unchanged; PIL's 3x3 filter copies the border, and blend truncates like OFA's uint8 cast.
+    img = _pil(img)
     return Image.blend(img.filter(ImageFilter.SMOOTH), img, _ENHANCE)
 
 
-def _affine(img: Image.Image, m) -> Image.Image:
+def _affine(img: Image.Image | np.ndarray, m) -> Image.Image | np.ndarray:
     """Warp by OpenCV-style forward matrix m (2 x 3, pixel indices) with bilinear sampling."""
     inv = np.linalg.inv(np.vstack([np.asarray(m, dtype=np.float64), [0, 0, 1]]))[:2]
     # OpenCV samples output pixel (x, y) at inv(x, y); PIL at A(x + 1/2, y + 1/2) - 1/2. Conjugate accordingly.
     inv[:, 2] += 0.5 - 0.5 * (inv[:, 0] + inv[:, 1])
-    return img.transform(img.size, Image.Transform.AFFINE, inv.reshape(-1).tolist(), Image.Resampling.BILINEAR,
-                         fillcolor=FILL)
+    coeffs = tuple(inv.reshape(-1).tolist())
+    if _warp is None:
+        img = _pil(img)
+        return img.transform(img.size, Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR, fillcolor=FILL)
+    src = img if isinstance(img, np.ndarray) else _rgbx(img)
+    src = np.ascontiguousarray(np.asarray(img) if src is None else src)  # (H, W, 3) or Pillow's (H, W, 4)
+    h, w = src.shape[:2]
+    out = np.empty((h, w, 3), np.uint8)
+    _warp.affine(src, w, h, src.shape[2], coeffs, out, FILL)  # Pillow's pixels (csrc/resample/affine.c)
+    return out
 
 
 def _shear_x(img, rng):
@@ -299,6 +324,7 @@ def _shear_y(img, rng):
 
 def _shift(img: Image.Image, dx: int, dy: int) -> Image.Image:
     """out(x, y) = in(x + dx, y + dy), FILL outside: OpenCV's translation by (-dx, -dy) at integer offsets."""
+    img = _pil(img)
     w, h = img.size
     out = Image.new("RGB", img.size, FILL)
     out.paste(img.crop((max(dx, 0), max(dy, 0), w + min(dx, 0), h + min(dy, 0))), (max(-dx, 0), max(-dy, 0)))
@@ -316,7 +342,8 @@ def _translate_y(img, rng):
 def _rotate(img, rng):
     deg = _signed(_ROTATE, rng)
     a, b = math.cos(math.radians(deg)), math.sin(math.radians(deg))
-    cx, cy = img.size[0] / 2, img.size[1] / 2
+    w, h = _size(img)
+    cx, cy = w / 2, h / 2
     # cv2.getRotationMatrix2D(centre, deg, 1): counter-clockwise on screen for positive degrees.
     return _affine(img, [[a, b, (1 - a) * cx - b * cy], [-b, a, b * cx + (1 - a) * cy]])
 
