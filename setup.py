@@ -1,7 +1,8 @@
 """ofa-ds: OFA-style multimodal seq2seq pretraining on DeepSpeed + Megatron.
 
-Two small C extensions for the data side are built with the package when they compile: csrc/resample
-(Pillow's bicubic resize, vectorised; without it the loader uses Pillow's resize, same pixels, slower) and
+Three small C extensions for the data side are built with the package when they compile: csrc/resample
+(Pillow's bicubic resize and bilinear affine transform, vectorised; without them the loader uses Pillow's, same
+pixels, slower) and
 csrc/jpegtran (lossless progressive -> baseline JPEG at conversion; needs libjpeg's headers, e.g. Debian's
 libjpeg-dev; without it tsv2arrow stores progressive JPEGs as they are).
 
