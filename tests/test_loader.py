@@ -46,7 +46,10 @@ def test_stream_format(tok, corpus):
         b, length = s["src_tokens"].shape
         t = s["target"].shape[1]
         assert length % 8 == 0 and t % 8 == 0 and s["prev_output_tokens"].shape == (b, t)
-        assert s["patch_images"].shape == (b, 3, r, r) and s["patch_images"].dtype == torch.uint8
+        n = s["patch_images"].shape[0]  # distinct images
+        assert s["patch_images"].shape == (n, 3, r, r) and s["patch_images"].dtype == torch.uint8
+        assert s["image_index"].shape == (b,) and s["image_index"].dtype == torch.long
+        assert sorted(set(s["image_index"].tolist())) == list(range(n))
         assert s["patch_holes"].shape == (b, 4) and s["patch_holes"].dtype == torch.long
         for k in ("patch_masks", "code_masks"):
             assert s[k].shape == (b,) and s[k].dtype == torch.bool
@@ -59,12 +62,15 @@ def test_stream_format(tok, corpus):
         assert (s["prev_output_tokens"][:, 0] == 0).all()
     assert v1["patch_idx"].shape == (16, 9) and "patch_idx" not in v2
     assert v1["patch_masks"].all() and not v1["code_masks"].any()
+    # a VL row's two examples share one image, shipped once; both text infilling examples use one zero image
+    assert v1["image_index"].tolist() == [i // 2 for i in range(16)] and v1["patch_images"].shape[0] == 8
+    assert v2["image_index"].tolist() == [0, 0, 1, 2] and v2["patch_images"].shape[0] == 3
     assert [TASKS[i] for i in v2["task_ids"]] == ["text_infilling", "text_infilling", "image_infilling", "detection"]
     assert v2["patch_masks"].tolist() == [False, False, True, True] and v2["code_masks"].tolist() == [0, 0, 1, 0]
-    assert (v2["patch_images"][:2] == 0).all() and v2["weights"].tolist() == [2.0] * 4
+    assert (v2["patch_images"][0] == 0).all() and v2["weights"].tolist() == [2.0] * 4
     assert v2["patch_holes"].tolist() == [[0] * 4, [0] * 4, [8, 8, 24, 24], [0] * 4]  # infilling: the centre 16 x 16
     assert v1["patch_holes"].eq(0).all()
-    assert torch.equal(v2["patch_images"][2, :, 0, 0], torch.tensor([0, 100, 50], dtype=torch.uint8))
+    assert torch.equal(v2["patch_images"][1, :, 0, 0], torch.tensor([0, 100, 50], dtype=torch.uint8))
     assert loader.state_dict() == {"consumed_samples": 8}
 
 
@@ -74,9 +80,10 @@ def test_model_inputs_normalise_as_torchvision(tok, corpus, dtype):
     image infilling hole are 0, as OFA's collate gives them."""
     v2 = next(iter(build_loader(corpus, tok, CFG, dp_rank=0, dp_size=1, micro_batch=8, num_workers=0)))["v2"]
     x = model_inputs(v2, "cpu", dtype)
-    assert "patch_holes" not in x and x.keys() == v2.keys() - {"patch_holes"}
+    assert x.keys() == v2.keys() - {"patch_holes", "image_index"}
     assert all(torch.equal(x[k], v2[k]) for k in x if k != "patch_images")
-    expected = (v2["patch_images"].float() / 255 - 0.5) / 0.5  # torchvision: to_tensor's div, normalize's sub, div
+    per_example = v2["patch_images"][v2["image_index"]]  # (4, 3, 32, 32)
+    expected = (per_example.float() / 255 - 0.5) / 0.5  # torchvision: to_tensor's div, normalize's sub, div
     expected[:2] = 0  # text infilling: no image
     expected[2, :, 8:24, 8:24] = 0  # the infilling hole
     assert x["patch_images"].dtype == dtype and torch.equal(x["patch_images"], expected.to(dtype))

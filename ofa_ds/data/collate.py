@@ -2,13 +2,17 @@
 
     src_tokens (B, L) long, prev_output_tokens (B, T) long, target (B, T) long: right-padded with pad,
         L and T rounded up to a multiple of 8
-    patch_images (B, 3, R, R) uint8: RGB pixels (zeros where there is no image); patch_masks (B,) bool
+    patch_images (N, 3, R, R) uint8: the N distinct images of the stream, RGB pixels (a zero image for examples
+        without one); image_index (B,) long: the row of patch_images each example uses (a VL row's two examples
+        share their image); patch_masks (B,) bool
     patch_holes (B, 4) long: (x0, y0, x1, y1) of the region image infilling blanks; all 0 for no hole
     code_masks (B,) bool, weights (B,) float, task_ids (B,) long
     patch_idx (B, K) long: only when the examples carry a patch sample (v1 with sample_patch_num < patches)
 
-Images travel as uint8 and are normalised where the model runs (`model_inputs`): a quarter of the bytes through
-the loader workers' shared memory and the host-to-device copy, and no float work in the workers.
+Images travel as uint8, each distinct image once, and are normalised and gathered per example where the model
+runs (`model_inputs`): an eighth of the bytes of float32 images per example through the loader workers' shared
+memory (whose page faults cost the workers more than the copies) and the host-to-device copy, and no float work in
+the workers.
 """
 from __future__ import annotations
 
@@ -41,19 +45,23 @@ def _empty_images(b: int, r: int) -> torch.Tensor:
 
 
 def collate(examples: list[Example], image_size: int, pad: int) -> dict[str, torch.Tensor]:
-    images = _empty_images(len(examples), image_size)
+    rows: dict[int, int] = {}  # id of an example's image array (0: no image) -> its row of patch_images
+    for i, e in enumerate(examples):
+        if e.image is not None and e.image.shape != (3, image_size, image_size):
+            raise ValueError(f"example {i} (task {e.task}): image {e.image.shape}, stream images are {image_size}")
+        rows.setdefault(0 if e.image is None else id(e.image), len(rows))
+    images = _empty_images(len(rows), image_size)
     holes = torch.zeros(len(examples), 4, dtype=torch.long)
     for i, e in enumerate(examples):
-        if e.image is None:
-            images[i].zero_()
-            continue
-        if e.image.shape != (3, image_size, image_size):
-            raise ValueError(f"example {i} (task {e.task}): image {e.image.shape}, stream images are {image_size}")
-        images[i].copy_(torch.from_numpy(e.image))
         if e.hole is not None:
             holes[i] = torch.tensor(e.hole)
-    stream = {**token_fields(examples, pad), "patch_images": images, "patch_holes": holes,
-              "patch_masks": torch.tensor([e.image is not None for e in examples])}
+    for e in {id(e.image): e for e in examples if e.image is not None}.values():
+        images[rows[id(e.image)]].copy_(torch.from_numpy(e.image))
+    if 0 in rows:
+        images[rows[0]].zero_()
+    stream = {**token_fields(examples, pad), "patch_images": images,
+              "image_index": torch.tensor([rows[0 if e.image is None else id(e.image)] for e in examples]),
+              "patch_holes": holes, "patch_masks": torch.tensor([e.image is not None for e in examples])}
     sampled = [e.patch_idx is not None for e in examples]
     if any(sampled):
         if not all(sampled):
@@ -63,13 +71,16 @@ def collate(examples: list[Example], image_size: int, pad: int) -> dict[str, tor
 
 
 def model_inputs(stream: dict[str, torch.Tensor], device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """A loader Stream on `device`, its images normalised as OFA's ToTensor + Normalize(0.5, 0.5) (bit for bit, in
-    float32) and then cast to `dtype`; images without patch_mask and the holes are 0 after normalisation."""
+    """A loader Stream on `device` as the model takes it: one (B, 3, R, R) image per example, normalised as OFA's
+    ToTensor + Normalize(0.5, 0.5) (bit for bit, in float32) and then cast to `dtype`; images without patch_mask
+    and the holes are 0 after normalisation."""
     if stream["patch_images"].dtype != torch.uint8:
         raise TypeError(f"patch_images are {stream['patch_images'].dtype}; model_inputs takes the loader's uint8 "
                         "pixels")
-    out = {k: v.to(device, non_blocking=True) for k, v in stream.items() if k != "patch_holes"}
-    x = out["patch_images"].float().div_(255).sub_(0.5).div_(0.5)  # (B, 3, R, R)
+    skip = ("patch_holes", "image_index")
+    out = {k: v.to(device, non_blocking=True) for k, v in stream.items() if k not in skip}
+    index = stream["image_index"].to(device, non_blocking=True)
+    x = out["patch_images"][index].float().div_(255).sub_(0.5).div_(0.5)  # (B, 3, R, R)
     r = torch.arange(x.shape[-1], device=x.device)
     x0, y0, x1, y1 = stream["patch_holes"].to(device, non_blocking=True).unbind(1)  # (B,) each
     rows = (r >= y0[:, None]) & (r < y1[:, None])  # (B, R)

@@ -20,14 +20,15 @@ PATCH = 16
 
 class StreamShape(NamedTuple):
     batch: int
-    image_size: int  # R of patch_images (B, 3, R, R)
+    image_size: int  # R of the (B, 3, R, R) images
     patches: int  # image tokens per sample entering the encoder (K when patches are sampled)
     src_len: int  # L
     tgt_len: int  # T
 
 
 def stream_shape(stream: dict) -> StreamShape:
-    b, _, r, _ = stream["patch_images"].shape
+    """Of a loader Stream (distinct images + image_index) or model inputs (an image per example)."""
+    b, r = stream["src_tokens"].shape[0], stream["patch_images"].shape[-1]
     idx = stream.get("patch_idx")
     patches = idx.shape[1] if idx is not None else (r // PATCH) ** 2
     return StreamShape(b, r, patches, stream["src_tokens"].shape[1], stream["prev_output_tokens"].shape[1])
