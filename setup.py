@@ -1,8 +1,8 @@
 """ofa-ds: OFA-style multimodal seq2seq pretraining on DeepSpeed + Megatron.
 
 Three small C extensions for the data side are built with the package when they compile: csrc/resample
-(Pillow's bicubic resize and bilinear affine transform, vectorised; without them the loader uses Pillow's, same
-pixels, slower) and
+(Pillow's bicubic resize and bilinear affine transform, and the HWC -> CHW copy, vectorised; without them the
+loader uses Pillow and numpy, same pixels, slower) and
 csrc/jpegtran (lossless progressive -> baseline JPEG at conversion; needs libjpeg's headers, e.g. Debian's
 libjpeg-dev; without it tsv2arrow stores progressive JPEGs as they are).
 
@@ -35,6 +35,8 @@ ext_modules, cmdclass = cuda_extensions() if os.path.exists("ofa_ds_build.py") e
 # -ffp-contract=off: the filter taps must be computed without FMA, as Pillow's are.
 ext_modules.append(Extension("ofa_ds.data._bicubic", ["csrc/resample/bicubic.c"], optional=True,
                              extra_compile_args=["-O3", "-ffp-contract=off", "-std=c11"]))
+ext_modules.append(Extension("ofa_ds.data._planar", ["csrc/resample/planar.c"], optional=True,
+                             extra_compile_args=["-O3", "-std=c11"]))
 ext_modules.append(Extension("ofa_ds.data._warp", ["csrc/resample/affine.c"], optional=True,
                              extra_compile_args=["-O3", "-ffp-contract=off", "-std=c11"]))
 ext_modules.append(Extension("ofa_ds.data._jpegtran", ["csrc/jpegtran/baseline.c"], libraries=["jpeg"],

@@ -1,7 +1,7 @@
 """The C extensions of csrc/resample against Pillow, bit for bit: the bicubic resize (bicubic.c) against
 `Image.resize(size, BICUBIC, box=...)` over random sizes, windows, up- and downscales and both of Pillow's pass
 orders; the bilinear affine warp (affine.c) against `Image.transform(size, AFFINE, ..., BILINEAR, fillcolor=...)`
-over RandAugment's shears and rotations and random matrices."""
+over RandAugment's shears and rotations and random matrices; the HWC -> CHW planes (planar.c) against numpy."""
 import io
 import math
 import platform
@@ -18,7 +18,7 @@ needs_ext = pytest.mark.skipif(transforms._bicubic is None, reason="C extension 
 def test_extension_is_built_on_linux_x86_64():
     """`pip install` compiles them wherever there is a C compiler; CI must not silently test only the fallback."""
     if platform.system() == "Linux" and platform.machine() == "x86_64":
-        assert transforms._bicubic is not None and transforms._warp is not None
+        assert None not in (transforms._bicubic, transforms._warp, transforms._planar)
 
 
 def _image(rng, h, w, smooth):
@@ -136,6 +136,22 @@ def test_warp_rejects_bad_buffers():
         transforms._warp.affine(pixels, 21, 10, 3, (1, 0, 0, 0, 1, 0), np.empty((10, 21, 3), np.uint8), (0, 0, 0))
     with pytest.raises(ValueError, match="5 bytes per pixel"):
         transforms._warp.affine(pixels, 20, 10, 5, (1, 0, 0, 0, 1, 0), np.empty((10, 20, 3), np.uint8), (0, 0, 0))
+
+
+@needs_ext
+@pytest.mark.parametrize("h, w", [(1, 1), (3, 5), (37, 61), (384, 384)])
+def test_planar_into_equals_numpy(h, w):
+    """The views to_chw returns: an array's (C loop, 3 bytes a pixel), a Pillow image's RGBX memory (C loop, 4),
+    a flipped window (numpy's copy)."""
+    pixels = _image(np.random.default_rng(h), h, w, smooth=False)
+    views = [transforms.to_chw(pixels), transforms.to_chw(Image.fromarray(pixels)), transforms.to_chw(pixels[:, ::-1])]
+    assert transforms._rgbx(Image.fromarray(pixels)) is not None  # the RGBX case is really exercised
+    for chw in views:
+        dst = np.full((3, h, w), 7, np.uint8)
+        transforms.planar_into(dst, chw)
+        assert (dst == np.ascontiguousarray(chw)).all()
+    with pytest.raises(ValueError, match="3 x 1 x 1 destination.*got 3 and 4 bytes"):
+        transforms._planar.planar(np.zeros((1, 1, 3), np.uint8), 1, 1, 3, np.zeros(4, np.uint8))
 
 
 @needs_ext

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ofa_ds.data.tasks import Example
+from ofa_ds.data.transforms import planar_into
 
 PAD_MULTIPLE = 8
 
@@ -56,7 +57,7 @@ def collate(examples: list[Example], image_size: int, pad: int) -> dict[str, tor
         if e.hole is not None:
             holes[i] = torch.tensor(e.hole)
     for e in {id(e.image): e for e in examples if e.image is not None}.values():
-        images[rows[id(e.image)]].copy_(torch.from_numpy(e.image))
+        planar_into(images[rows[id(e.image)]].numpy(), e.image)
     if 0 in rows:
         images[rows[0]].zero_()
     stream = {**token_fields(examples, pad), "patch_images": images,

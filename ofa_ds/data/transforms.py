@@ -35,9 +35,9 @@ import simplejpeg
 from PIL import Image, ImageFile, ImageFilter
 
 try:  # csrc/resample, compiled by `pip install`
-    from ofa_ds.data import _bicubic, _warp
-except ImportError:  # not compiled (no C compiler at install): Pillow's resize and transform, the same pixels
-    _bicubic = _warp = None
+    from ofa_ds.data import _bicubic, _planar, _warp
+except ImportError:  # not compiled (no C compiler at install): Pillow and numpy, the same pixels
+    _bicubic = _planar = _warp = None
 
 # As OFA: accept truncated files and images of any size (the corpus is trusted training data).
 ImageFile.LOAD_TRUNCATED_IMAGES = True
@@ -45,11 +45,25 @@ Image.MAX_IMAGE_PIXELS = None
 
 
 def to_chw(img: Image.Image | np.ndarray) -> np.ndarray:
-    """RGB image or (H, W, 3) array -> uint8 (3, H, W)."""
+    """RGB image or (H, W, 3) array -> uint8 (3, H, W), a view of the interleaved pixels (of Pillow's memory for an
+    image: its Arrow export keeps it alive). `planar_into` makes the planes, once, where the batch holds them."""
     if isinstance(img, Image.Image):
         rgbx = _rgbx(img)
         img = np.asarray(img) if rgbx is None else rgbx[..., :3]
-    return np.ascontiguousarray(img.transpose(2, 0, 1))
+    return img.transpose(2, 0, 1)
+
+
+def planar_into(dst: np.ndarray, chw: np.ndarray) -> None:
+    """dst, a C-contiguous uint8 (3, H, W) array, <- chw in one pass: the C loop of csrc/resample/planar.c when chw
+    views interleaved RGB or RGBX lines (what to_chw returns), else numpy's copy."""
+    hwc = chw.transpose(1, 2, 0)
+    h, w, _ = hwc.shape
+    bpp = hwc.strides[1]
+    if _planar is not None and bpp in (3, 4) and hwc.strides == (w * bpp, bpp, 1):
+        # the whole (H, W, bpp) memory hwc views: for RGBX, the X bytes lie between its pixels
+        _planar.planar(np.lib.stride_tricks.as_strided(hwc, (h, w, bpp), (w * bpp, bpp, 1)), w, h, bpp, dst)
+    else:
+        np.copyto(dst, chw)
 
 
 def _rgbx(img: Image.Image) -> np.ndarray | None:
