@@ -1,7 +1,7 @@
 """ofa-ds: OFA-style multimodal seq2seq pretraining on DeepSpeed + Megatron.
 
 Three small C extensions for the data side are built with the package when they compile: csrc/resample
-(Pillow's bicubic resize and bilinear affine transform, and the HWC -> CHW copy, vectorised; without them the
+(Pillow's bicubic resize, bilinear affine transform and sharpness filter, and the HWC -> CHW copy, vectorised; without them the
 loader uses Pillow and numpy, same pixels, slower) and
 csrc/jpegtran (lossless progressive -> baseline JPEG at conversion; needs libjpeg's headers, e.g. Debian's
 libjpeg-dev; without it tsv2arrow stores progressive JPEGs as they are).
@@ -37,6 +37,8 @@ ext_modules.append(Extension("ofa_ds.data._bicubic", ["csrc/resample/bicubic.c"]
                              extra_compile_args=["-O3", "-ffp-contract=off", "-std=c11"]))
 ext_modules.append(Extension("ofa_ds.data._planar", ["csrc/resample/planar.c"], optional=True,
                              extra_compile_args=["-O3", "-std=c11"]))
+ext_modules.append(Extension("ofa_ds.data._sharpen", ["csrc/resample/sharpen.c"], optional=True,
+                             extra_compile_args=["-O3", "-ffp-contract=off", "-std=c11"]))
 ext_modules.append(Extension("ofa_ds.data._warp", ["csrc/resample/affine.c"], optional=True,
                              extra_compile_args=["-O3", "-ffp-contract=off", "-std=c11"]))
 ext_modules.append(Extension("ofa_ds.data._jpegtran", ["csrc/jpegtran/baseline.c"], libraries=["jpeg"],

@@ -1,14 +1,15 @@
 """The C extensions of csrc/resample against Pillow, bit for bit: the bicubic resize (bicubic.c) against
 `Image.resize(size, BICUBIC, box=...)` over random sizes, windows, up- and downscales and both of Pillow's pass
 orders; the bilinear affine warp (affine.c) against `Image.transform(size, AFFINE, ..., BILINEAR, fillcolor=...)`
-over RandAugment's shears and rotations and random matrices; the HWC -> CHW planes (planar.c) against numpy."""
+over RandAugment's shears and rotations and random matrices; RandAugment's sharpness (sharpen.c) against
+`Image.blend(img.filter(SMOOTH), img, factor)`; the HWC -> CHW planes (planar.c) against numpy."""
 import io
 import math
 import platform
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from ofa_ds.data import transforms
 
@@ -18,7 +19,7 @@ needs_ext = pytest.mark.skipif(transforms._bicubic is None, reason="C extension 
 def test_extension_is_built_on_linux_x86_64():
     """`pip install` compiles them wherever there is a C compiler; CI must not silently test only the fallback."""
     if platform.system() == "Linux" and platform.machine() == "x86_64":
-        assert None not in (transforms._bicubic, transforms._warp, transforms._planar)
+        assert None not in (transforms._bicubic, transforms._warp, transforms._sharpen, transforms._planar)
 
 
 def _image(rng, h, w, smooth):
@@ -139,6 +140,25 @@ def test_warp_rejects_bad_buffers():
 
 
 @needs_ext
+def test_sharpen_equals_pillow():
+    """Sizes from 1 x 1 (Pillow copies images smaller than the kernel) up; both layouts and both loops."""
+    rng = np.random.default_rng(5)
+    for t in range(150):
+        h, w = (384, 384) if t % 10 == 0 else (int(v) for v in rng.integers(1, 90, 2))
+        pixels = _image(rng, h, w, t % 2 == 0)
+        img = Image.fromarray(pixels)
+        expected = np.asarray(Image.blend(img.filter(ImageFilter.SMOOTH), img, transforms._ENHANCE))
+        for src in (pixels, transforms._rgbx(img)):
+            for avx2 in (True, False):
+                got = np.empty_like(src)
+                transforms._sharpen.sharpen(src, w, h, src.shape[2], got, transforms._ENHANCE, avx2)
+                assert (got[..., :3] == expected).all(), ((h, w), src.shape, avx2)
+        assert (np.asarray(transforms._sharpness(img, None)) == expected).all()
+    with pytest.raises(ValueError, match="destination of its size"):
+        transforms._sharpen.sharpen(np.zeros((2, 2, 3), np.uint8), 2, 2, 3, np.zeros(11, np.uint8), 1.5)
+
+
+@needs_ext
 @pytest.mark.parametrize("h, w", [(1, 1), (3, 5), (37, 61), (384, 384)])
 def test_planar_into_equals_numpy(h, w):
     """The views to_chw returns: an array's (C loop, 3 bytes a pixel), a Pillow image's RGBX memory (C loop, 4),
@@ -156,7 +176,7 @@ def test_planar_into_equals_numpy(h, w):
 
 @needs_ext
 def test_pillow_fallback_gives_the_same_examples(monkeypatch):
-    """Without the extensions the transforms resize and warp with Pillow: every image comes out the same."""
+    """Without the extensions the transforms resize, warp and sharpen with Pillow: every image comes out the same."""
     rng = np.random.default_rng(2)
     a = rng.integers(0, 256, (233, 311, 3), dtype=np.uint8)
     buf = io.BytesIO()
@@ -165,12 +185,13 @@ def test_pillow_fallback_gives_the_same_examples(monkeypatch):
 
     def images():
         g = np.random.default_rng(3)
-        captions = [transforms.caption_image(data, 96, g) for _ in range(24)]  # RandAugment: every op several times
+        captions = [transforms.caption_image(data, 96, g) for _ in range(48)]  # RandAugment: each op several times
         return [*captions, transforms.grounding_image(data, (20, 30, 120, 90), 96, g)[0],
                 transforms.detection_image(data, [(20, 30, 120, 90)], 80, g)[0], transforms.infilling_image(data, 64)]
 
     fast = images()
     monkeypatch.setattr(transforms, "_bicubic", None)
     monkeypatch.setattr(transforms, "_warp", None)
+    monkeypatch.setattr(transforms, "_sharpen", None)
     for x, y in zip(fast, images(), strict=True):
         assert x.shape == y.shape and (x == y).all()

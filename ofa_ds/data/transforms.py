@@ -7,7 +7,8 @@ does. What makes the chain cheaper than OFA's without moving any pixel: JPEGs ar
 TurboJPEG API (simplejpeg; Pillow's pixels, faster); resize and crop are one bicubic resize of the kept window
 (Pillow's `Image.resize(box=...)`), run by the vectorised C extension `_bicubic` (csrc/resample; Pillow's pixels,
 about 6x faster) when it is built; RandAugment's shear and rotate run in the C extension `_warp` (csrc/resample;
-Pillow's bilinear `Image.transform` pixels, about 2.5x faster) when it is built, and its ops take a Pillow image or
+Pillow's bilinear `Image.transform` pixels, about 2.5x faster) and its sharpness in `_sharpen` (Pillow's SMOOTH
+filter and blend, bit for bit) when they are built, and its ops take a Pillow image or
 an (H, W, 3) array, so an image becomes a Pillow one only for the ops written with Pillow; and JPEGs are decoded
 with DCT scaling by 1/2..1/8 (Pillow's `draft`) when the decoded image stays at least as large as the resize
 target. DCT scaling changes pixel values slightly (a different low-pass filter), not positions; it is the one
@@ -35,9 +36,9 @@ import simplejpeg
 from PIL import Image, ImageFile, ImageFilter
 
 try:  # csrc/resample, compiled by `pip install`
-    from ofa_ds.data import _bicubic, _planar, _warp
+    from ofa_ds.data import _bicubic, _planar, _sharpen, _warp
 except ImportError:  # not compiled (no C compiler at install): Pillow and numpy, the same pixels
-    _bicubic = _planar = _warp = None
+    _bicubic = _planar = _sharpen = _warp = None
 
 # As OFA: accept truncated files and images of any size (the corpus is trusted training data).
 ImageFile.LOAD_TRUNCATED_IMAGES = True
@@ -307,8 +308,20 @@ def _brightness(img, rng):
 def _sharpness(img, rng):
     # OFA: smooth + factor * (img - smooth) with the (1 1 1; 1 5 1; 1 1 1)/13 kernel (PIL's SMOOTH), border
     # pixels unchanged; PIL's 3x3 filter copies the border, and blend truncates like OFA's uint8 cast.
-    img = _pil(img)
-    return Image.blend(img.filter(ImageFilter.SMOOTH), img, _ENHANCE)
+    if _sharpen is None:
+        img = _pil(img)
+        return Image.blend(img.filter(ImageFilter.SMOOTH), img, _ENHANCE)
+    src = _pixels(img)
+    h, w, bpp = src.shape
+    out = np.empty_like(src)
+    _sharpen.sharpen(src, w, h, bpp, out, _ENHANCE)  # Pillow's pixels (csrc/resample/sharpen.c)
+    return out[..., :3]
+
+
+def _pixels(img: Image.Image | np.ndarray) -> np.ndarray:
+    """A C-contiguous (H, W, 3) array, or (H, W, 4) of Pillow's RGBX memory without a copy, for the C ops."""
+    src = img if isinstance(img, np.ndarray) else _rgbx(img)
+    return np.ascontiguousarray(np.asarray(img) if src is None else src)
 
 
 def _affine(img: Image.Image | np.ndarray, m) -> Image.Image | np.ndarray:
@@ -320,8 +333,7 @@ def _affine(img: Image.Image | np.ndarray, m) -> Image.Image | np.ndarray:
     if _warp is None:
         img = _pil(img)
         return img.transform(img.size, Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR, fillcolor=FILL)
-    src = img if isinstance(img, np.ndarray) else _rgbx(img)
-    src = np.ascontiguousarray(np.asarray(img) if src is None else src)  # (H, W, 3) or Pillow's (H, W, 4)
+    src = _pixels(img)
     h, w = src.shape[:2]
     out = np.empty((h, w, 3), np.uint8)
     _warp.affine(src, w, h, src.shape[2], coeffs, out, FILL)  # Pillow's pixels (csrc/resample/affine.c)
