@@ -13,7 +13,8 @@ from the TSV as they are, ofa_ds from shards that tsv2arrow wrote, where progres
   decode, full PIL decode, resize of the whole image then crop (flip of the whole image for detection),
   RandAugment on the decoded array, ToTensor + Normalize in torch. Tokenisation, task logic, span masking and
   collation are ofa_ds's own (HF BPE is faster than OFA's Python BPE, so this favours OFA), and the
-  RandAugment ops are ofa_ds's Pillow ops (OpenCV is not installed).
+  RandAugment ops are ofa_ds's (Pillow's, with the C ports of csrc/resample for shear, rotate and sharpness,
+  standing in for OFA's OpenCV ones, which are not installed).
 Each throughput run happens in a fresh process; the modes are run in turn, `--repeats` times, and each figure is
 the median over repeats (speedups: the median of the per-repeat ratios), all runs listed. `per_cpu_s` divides by
 the process's CPU time, which the other tenants of a shared machine do not inflate. ofa_ds batches carry uint8
