@@ -6,7 +6,9 @@
   resize_up: a 300x300 image (the generated corpus's sizes) to 384x384.
 - decode: a progressive JPEG (--photo, else a generated one) vs the baseline file tsv2arrow stores for it.
 - transcode: tsv2arrow's `baseline_jpeg` (transcode + pixel check), the one-off conversion cost per image.
-- translate: RandAugment's 7 px shift of a 384 px image; to_chw: Pillow image -> uint8 (3, H, W).
+- RandAugment on a 384 px image: translate (7 px shift); warp (21 degree rotation, `_warp.affine` vs Pillow's
+  `Image.transform`); sharpness (`_sharpen.sharpen` vs Pillow's SMOOTH filter + blend).
+- planar: (H, W, 3) -> (3, H, W) into a batch slot, `_planar.planar` vs numpy's transposing copy.
 """
 from __future__ import annotations
 
@@ -39,6 +41,19 @@ def ms(fn, repeats: int = 7, calls: int = 20) -> float:
     return statistics.median(times)
 
 
+ROTATE_21 = [[0.934, 0.358, -56.0], [-0.358, 0.934, 81.4]]  # RandAugment's rotation about the centre of 384 px
+
+
+def without(extension: str, fn) -> float:
+    """ms of fn with transforms' C extension `extension` switched off: the Pillow path it replaces."""
+    saved = getattr(transforms, extension)
+    setattr(transforms, extension, None)
+    try:
+        return ms(fn)
+    finally:
+        setattr(transforms, extension, saved)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--photo", help="a progressive JPEG photograph")
@@ -48,6 +63,8 @@ def main() -> None:
     pixels = rng.integers(0, 256, (477, 720, 3), dtype=np.uint8)
     box = (147.3, 25.1, 573.4, 451.2)
     img384 = Image.fromarray(pixels[:384, :384])
+    hwc384 = np.ascontiguousarray(pixels[:384, :384])
+    chw384 = np.empty((3, 384, 384), np.uint8)
     if args.photo:
         progressive = Path(args.photo).read_bytes()
     else:
@@ -65,9 +82,14 @@ def main() -> None:
         "transcode_and_check_ms": ms(lambda: tsv_rows.baseline_jpeg(progressive), calls=5),
         "baseline_bytes_ratio": len(baseline) / len(progressive),
         "translate_ms": ms(lambda: transforms._shift(img384, 7, 0)),
-        "to_chw_ms": ms(lambda: transforms.to_chw(img384)),
-        "to_chw_np_asarray_ms": ms(lambda: np.ascontiguousarray(np.asarray(img384).transpose(2, 0, 1))),
-        "extensions": {"bicubic": transforms._bicubic is not None, "jpegtran": tsv_rows._jpegtran is not None},
+        "warp_c_ms": ms(lambda: transforms._affine(hwc384, ROTATE_21)),
+        "warp_pillow_ms": without("_warp", lambda: transforms._affine(img384, ROTATE_21)),
+        "sharpness_c_ms": ms(lambda: transforms._sharpness(hwc384, None)),
+        "sharpness_pillow_ms": without("_sharpen", lambda: transforms._sharpness(img384, None)),
+        "planar_c_ms": ms(lambda: transforms.planar_into(chw384, transforms.to_chw(hwc384))),
+        "planar_numpy_ms": ms(lambda: np.copyto(chw384, hwc384.transpose(2, 0, 1))),
+        "extensions": {k: getattr(transforms, f"_{k}") is not None for k in ("bicubic", "warp", "sharpen", "planar")}
+        | {"jpegtran": tsv_rows._jpegtran is not None},
     }
     print(json.dumps(res, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -252,7 +252,7 @@ _ROTATE = _LEVEL * 30.0  # 21 degrees
 
 def rand_augment(img: Image.Image | np.ndarray, rng: np.random.Generator) -> Image.Image | np.ndarray:
     """RGB image or (H, W, 3) array -> either: the ops written with Pillow take a Pillow image (converted when
-    needed), the C warp reads both and returns an array."""
+    needed), the C ones (warp, sharpness) read both and return an array."""
     for op in rng.integers(len(RAND_AUGMENT_OPS), size=2):
         if rng.random() > 0.5:
             continue
