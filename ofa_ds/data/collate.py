@@ -47,22 +47,24 @@ def _empty_images(b: int, r: int) -> torch.Tensor:
 
 def collate(examples: list[Example], image_size: int, pad: int) -> dict[str, torch.Tensor]:
     rows: dict[int, int] = {}  # id of an example's image array (0: no image) -> its row of patch_images
+    distinct, index = [], []  # the image (or None) of each row; each example's row
     for i, e in enumerate(examples):
         if e.image is not None and e.image.shape != (3, image_size, image_size):
             raise ValueError(f"example {i} (task {e.task}): image {e.image.shape}, stream images are {image_size}")
-        rows.setdefault(0 if e.image is None else id(e.image), len(rows))
-    images = _empty_images(len(rows), image_size)
-    holes = torch.zeros(len(examples), 4, dtype=torch.long)
-    for i, e in enumerate(examples):
-        if e.hole is not None:
-            holes[i] = torch.tensor(e.hole)
-    for e in {id(e.image): e for e in examples if e.image is not None}.values():
-        planar_into(images[rows[id(e.image)]].numpy(), e.image)
-    if 0 in rows:
-        images[rows[0]].zero_()
-    stream = {**token_fields(examples, pad), "patch_images": images,
-              "image_index": torch.tensor([rows[0 if e.image is None else id(e.image)] for e in examples]),
-              "patch_holes": holes, "patch_masks": torch.tensor([e.image is not None for e in examples])}
+        key = 0 if e.image is None else id(e.image)
+        if key not in rows:
+            rows[key] = len(distinct)
+            distinct.append(e.image)
+        index.append(rows[key])
+    images = _empty_images(len(distinct), image_size)
+    for row, image in enumerate(distinct):
+        if image is None:
+            images[row].zero_()
+        else:
+            planar_into(images[row].numpy(), image)
+    stream = {**token_fields(examples, pad), "patch_images": images, "image_index": torch.tensor(index),
+              "patch_holes": torch.tensor([e.hole or (0, 0, 0, 0) for e in examples], dtype=torch.long),
+              "patch_masks": torch.tensor([e.image is not None for e in examples])}
     sampled = [e.patch_idx is not None for e in examples]
     if any(sampled):
         if not all(sampled):
