@@ -1,8 +1,8 @@
 """ofa-ds: OFA-style multimodal seq2seq pretraining on DeepSpeed + Megatron.
 
-Three small C extensions for the data side are built with the package when they compile: csrc/resample
-(Pillow's bicubic resize, bilinear affine transform and sharpness filter, and the HWC -> CHW copy, vectorised; without them the
-loader uses Pillow and numpy, same pixels, slower) and
+Two small C extensions for the data side are built with the package when they compile: csrc/resample
+(module _pixel_ops: Pillow's bicubic resize, bilinear affine transform and sharpness filter, and the HWC -> CHW
+copy, vectorised; without it the loader uses Pillow and numpy, same pixels, slower) and
 csrc/jpegtran (lossless progressive -> baseline JPEG at conversion; needs libjpeg's headers, e.g. Debian's
 libjpeg-dev; without it tsv2arrow stores progressive JPEGs as they are).
 
@@ -33,13 +33,8 @@ def cuda_extensions():
 
 ext_modules, cmdclass = cuda_extensions() if os.path.exists("ofa_ds_build.py") else ([], {})
 # -ffp-contract=off: the filter taps must be computed without FMA, as Pillow's are.
-ext_modules.append(Extension("ofa_ds.data._bicubic", ["csrc/resample/bicubic.c"], optional=True,
-                             extra_compile_args=["-O3", "-ffp-contract=off", "-std=c11"]))
-ext_modules.append(Extension("ofa_ds.data._planar", ["csrc/resample/planar.c"], optional=True,
-                             extra_compile_args=["-O3", "-std=c11"]))
-ext_modules.append(Extension("ofa_ds.data._sharpen", ["csrc/resample/sharpen.c"], optional=True,
-                             extra_compile_args=["-O3", "-ffp-contract=off", "-std=c11"]))
-ext_modules.append(Extension("ofa_ds.data._warp", ["csrc/resample/affine.c"], optional=True,
+ext_modules.append(Extension("ofa_ds.data._pixel_ops", [f"csrc/resample/{f}.c" for f in ("module", "bicubic", "affine",
+                             "sharpen", "planar")], optional=True,
                              extra_compile_args=["-O3", "-ffp-contract=off", "-std=c11"]))
 ext_modules.append(Extension("ofa_ds.data._jpegtran", ["csrc/jpegtran/baseline.c"], libraries=["jpeg"],
                              optional=True, extra_compile_args=["-O2", "-std=c11"]))

@@ -2,13 +2,13 @@
 
     python benchmarks/pixel_ops.py [--photo f3.jpg] [--out benchmarks/results/pixel_ops.json]
 
-- resize: the 384 px caption window of a 720x477 image, `_bicubic.resize` vs Pillow's `Image.resize(box=...)`;
+- resize: the 384 px caption window of a 720x477 image, `_pixel_ops.resize` vs Pillow's `Image.resize(box=...)`;
   resize_up: a 300x300 image (the generated corpus's sizes) to 384x384.
 - decode: a progressive JPEG (--photo, else a generated one) vs the baseline file tsv2arrow stores for it.
 - transcode: tsv2arrow's `baseline_jpeg` (transcode + pixel check), the one-off conversion cost per image.
-- RandAugment on a 384 px image: translate (7 px shift); warp (21 degree rotation, `_warp.affine` vs Pillow's
-  `Image.transform`); sharpness (`_sharpen.sharpen` vs Pillow's SMOOTH filter + blend).
-- planar: (H, W, 3) -> (3, H, W) into a batch slot, `_planar.planar` vs numpy's transposing copy.
+- RandAugment on a 384 px image: translate (7 px shift); warp (21 degree rotation, `_pixel_ops.affine` vs Pillow's
+  `Image.transform`); sharpness (`_pixel_ops.sharpen` vs Pillow's SMOOTH filter + blend).
+- planar: (H, W, 3) -> (3, H, W) into a batch slot, `_pixel_ops.planar` vs numpy's transposing copy.
 """
 from __future__ import annotations
 
@@ -44,14 +44,13 @@ def ms(fn, repeats: int = 7, calls: int = 20) -> float:
 ROTATE_21 = [[0.934, 0.358, -56.0], [-0.358, 0.934, 81.4]]  # RandAugment's rotation about the centre of 384 px
 
 
-def without(extension: str, fn) -> float:
-    """ms of fn with transforms' C extension `extension` switched off: the Pillow path it replaces."""
-    saved = getattr(transforms, extension)
-    setattr(transforms, extension, None)
+def without(fn) -> float:
+    """ms of fn with transforms' C extension switched off: the Pillow path it replaces."""
+    saved, transforms._pixel_ops = transforms._pixel_ops, None
     try:
         return ms(fn)
     finally:
-        setattr(transforms, extension, saved)
+        transforms._pixel_ops = saved
 
 
 def main() -> None:
@@ -83,13 +82,12 @@ def main() -> None:
         "baseline_bytes_ratio": len(baseline) / len(progressive),
         "translate_ms": ms(lambda: transforms._shift(img384, 7, 0)),
         "warp_c_ms": ms(lambda: transforms._affine(hwc384, ROTATE_21)),
-        "warp_pillow_ms": without("_warp", lambda: transforms._affine(img384, ROTATE_21)),
+        "warp_pillow_ms": without(lambda: transforms._affine(img384, ROTATE_21)),
         "sharpness_c_ms": ms(lambda: transforms._sharpness(hwc384, None)),
-        "sharpness_pillow_ms": without("_sharpen", lambda: transforms._sharpness(img384, None)),
+        "sharpness_pillow_ms": without(lambda: transforms._sharpness(img384, None)),
         "planar_c_ms": ms(lambda: transforms.planar_into(chw384, transforms.to_chw(hwc384))),
         "planar_numpy_ms": ms(lambda: np.copyto(chw384, hwc384.transpose(2, 0, 1))),
-        "extensions": {k: getattr(transforms, f"_{k}") is not None for k in ("bicubic", "warp", "sharpen", "planar")}
-        | {"jpegtran": tsv_rows._jpegtran is not None},
+        "extensions": {"pixel_ops": transforms._pixel_ops is not None, "jpegtran": tsv_rows._jpegtran is not None},
     }
     print(json.dumps(res, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

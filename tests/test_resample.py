@@ -1,4 +1,4 @@
-"""The C extensions of csrc/resample against Pillow, bit for bit: the bicubic resize (bicubic.c) against
+"""The C extension of csrc/resample (`_pixel_ops`) against Pillow, bit for bit: the bicubic resize (bicubic.c) against
 `Image.resize(size, BICUBIC, box=...)` over random sizes, windows, up- and downscales and both of Pillow's pass
 orders; the bilinear affine warp (affine.c) against `Image.transform(size, AFFINE, ..., BILINEAR, fillcolor=...)`
 over RandAugment's shears and rotations and random matrices; RandAugment's sharpness (sharpen.c) against
@@ -13,13 +13,13 @@ from PIL import Image, ImageFilter
 
 from ofa_ds.data import transforms
 
-needs_ext = pytest.mark.skipif(transforms._bicubic is None, reason="C extension not built")
+needs_ext = pytest.mark.skipif(transforms._pixel_ops is None, reason="C extension not built")
 
 
 def test_extension_is_built_on_linux_x86_64():
-    """`pip install` compiles them wherever there is a C compiler; CI must not silently test only the fallback."""
+    """`pip install` compiles it wherever there is a C compiler; CI must not silently test only the fallback."""
     if platform.system() == "Linux" and platform.machine() == "x86_64":
-        assert None not in (transforms._bicubic, transforms._warp, transforms._sharpen, transforms._planar)
+        assert transforms._pixel_ops is not None
 
 
 def _image(rng, h, w, smooth):
@@ -60,7 +60,7 @@ def test_plain_c_loop_equals_pillow():
     for pixels, (ow, oh), box in _cases(rng, 100):
         expected = np.asarray(Image.fromarray(pixels).resize((ow, oh), Image.BICUBIC, box=box))
         got = np.empty((oh, ow, 3), np.uint8)
-        transforms._bicubic.resize(pixels, pixels.shape[1], pixels.shape[0], box, got, ow, oh, False)
+        transforms._pixel_ops.resize(pixels, pixels.shape[1], pixels.shape[0], box, got, ow, oh, False)
         assert (got == expected).all(), (pixels.shape, (ow, oh), box)
 
 
@@ -85,11 +85,11 @@ def test_bicubic_rejects_bad_buffers_and_boxes():
     pixels = np.zeros((10, 20, 3), np.uint8)
     out = np.empty((5, 5, 3), np.uint8)
     with pytest.raises(ValueError, match="need a 10 x 21 x 3 source.*got 600"):
-        transforms._bicubic.resize(pixels, 21, 10, (0, 0, 20, 10), out, 5, 5)
+        transforms._pixel_ops.resize(pixels, 21, 10, (0, 0, 20, 10), out, 5, 5)
     with pytest.raises(ValueError, match="destination"):
-        transforms._bicubic.resize(pixels, 20, 10, (0, 0, 20, 10), out, 6, 5)
+        transforms._pixel_ops.resize(pixels, 20, 10, (0, 0, 20, 10), out, 6, 5)
     with pytest.raises(ValueError, match="not inside"):
-        transforms._bicubic.resize(pixels, 20, 10, (0, 0, 21, 10), out, 5, 5)
+        transforms._pixel_ops.resize(pixels, 20, 10, (0, 0, 21, 10), out, 5, 5)
 
 
 def _warps(rng, n):
@@ -125,7 +125,7 @@ def test_warp_equals_pillow():
         for src in (pixels, rgbx):
             for avx2 in (True, False):
                 got = np.empty((h, w, 3), np.uint8)
-                transforms._warp.affine(src, w, h, src.shape[2], coeffs, got, transforms.FILL, avx2)
+                transforms._pixel_ops.affine(src, w, h, src.shape[2], coeffs, got, transforms.FILL, avx2)
                 assert (got == expected).all(), (pixels.shape, m, src.shape, avx2)
         assert (np.asarray(transforms._affine(img, m)) == np.asarray(transforms._affine(pixels, m))).all()
 
@@ -134,9 +134,9 @@ def test_warp_equals_pillow():
 def test_warp_rejects_bad_buffers():
     pixels = np.zeros((10, 20, 3), np.uint8)
     with pytest.raises(ValueError, match="need a 10 x 21 x 3 or 4 source.*got 600"):
-        transforms._warp.affine(pixels, 21, 10, 3, (1, 0, 0, 0, 1, 0), np.empty((10, 21, 3), np.uint8), (0, 0, 0))
+        transforms._pixel_ops.affine(pixels, 21, 10, 3, (1, 0, 0, 0, 1, 0), np.empty((10, 21, 3), np.uint8), (0, 0, 0))
     with pytest.raises(ValueError, match="5 bytes per pixel"):
-        transforms._warp.affine(pixels, 20, 10, 5, (1, 0, 0, 0, 1, 0), np.empty((10, 20, 3), np.uint8), (0, 0, 0))
+        transforms._pixel_ops.affine(pixels, 20, 10, 5, (1, 0, 0, 0, 1, 0), np.empty((10, 20, 3), np.uint8), (0, 0, 0))
 
 
 @needs_ext
@@ -151,11 +151,11 @@ def test_sharpen_equals_pillow():
         for src in (pixels, transforms._rgbx(img)):
             for avx2 in (True, False):
                 got = np.empty_like(src)
-                transforms._sharpen.sharpen(src, w, h, src.shape[2], got, transforms._ENHANCE, avx2)
+                transforms._pixel_ops.sharpen(src, w, h, src.shape[2], got, transforms._ENHANCE, avx2)
                 assert (got[..., :3] == expected).all(), ((h, w), src.shape, avx2)
         assert (np.asarray(transforms._sharpness(img, None)) == expected).all()
     with pytest.raises(ValueError, match="destination of its size"):
-        transforms._sharpen.sharpen(np.zeros((2, 2, 3), np.uint8), 2, 2, 3, np.zeros(11, np.uint8), 1.5)
+        transforms._pixel_ops.sharpen(np.zeros((2, 2, 3), np.uint8), 2, 2, 3, np.zeros(11, np.uint8), 1.5)
 
 
 @needs_ext
@@ -171,7 +171,7 @@ def test_planar_into_equals_numpy(h, w):
         transforms.planar_into(dst, chw)
         assert (dst == np.ascontiguousarray(chw)).all()
     with pytest.raises(ValueError, match="3 x 1 x 1 destination.*got 3 and 4 bytes"):
-        transforms._planar.planar(np.zeros((1, 1, 3), np.uint8), 1, 1, 3, np.zeros(4, np.uint8))
+        transforms._pixel_ops.planar(np.zeros((1, 1, 3), np.uint8), 1, 1, 3, np.zeros(4, np.uint8))
 
 
 @needs_ext
@@ -190,8 +190,6 @@ def test_pillow_fallback_gives_the_same_examples(monkeypatch):
                 transforms.detection_image(data, [(20, 30, 120, 90)], 80, g)[0], transforms.infilling_image(data, 64)]
 
     fast = images()
-    monkeypatch.setattr(transforms, "_bicubic", None)
-    monkeypatch.setattr(transforms, "_warp", None)
-    monkeypatch.setattr(transforms, "_sharpen", None)
+    monkeypatch.setattr(transforms, "_pixel_ops", None)
     for x, y in zip(fast, images(), strict=True):
         assert x.shape == y.shape and (x == y).all()

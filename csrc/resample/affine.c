@@ -143,7 +143,7 @@ __attribute__((target("avx2"))) static void rows_avx2(const Warp *t, uint8_t *ds
 }
 #endif
 
-static PyObject *affine(PyObject *self, PyObject *args) {
+PyObject *px_affine(PyObject *self, PyObject *args) {  // module.c lists it
     Py_buffer src, dst;
     Warp t;
     int fill[3], avx2 = 1;
@@ -173,12 +173,3 @@ static PyObject *affine(PyObject *self, PyObject *args) {
     PyBuffer_Release(&dst);
     return result;
 }
-
-static PyMethodDef methods[] = {
-    {"affine", affine, METH_VARARGS, "Pillow's bilinear Image.transform(size, AFFINE, a, fillcolor=fill) of RGB."},
-    {NULL, NULL, 0, NULL},
-};
-
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_warp", NULL, -1, methods};
-
-PyMODINIT_FUNC PyInit__warp(void) { return PyModule_Create(&module); }

@@ -279,7 +279,7 @@ done:
     return status;
 }
 
-static PyObject *resize(PyObject *self, PyObject *args) {
+PyObject *px_resize(PyObject *self, PyObject *args) {  // module.c lists it
     Py_buffer src, dst;
     int w, h, ow, oh;
     float box[4];
@@ -307,12 +307,3 @@ static PyObject *resize(PyObject *self, PyObject *args) {
     PyBuffer_Release(&dst);
     return result;
 }
-
-static PyMethodDef methods[] = {
-    {"resize", resize, METH_VARARGS, "Pillow's bicubic Image.resize(size, box=box) of a uint8 RGB buffer."},
-    {NULL, NULL, 0, NULL},
-};
-
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_bicubic", NULL, -1, methods};
-
-PyMODINIT_FUNC PyInit__bicubic(void) { return PyModule_Create(&module); }

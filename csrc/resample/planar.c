@@ -25,7 +25,7 @@ VECTORISED static void planes4(uint8_t *restrict r, uint8_t *restrict g, uint8_t
     for (size_t i = 0; i < n; i++) r[i] = s[4 * i], g[i] = s[4 * i + 1], b[i] = s[4 * i + 2];
 }
 
-static PyObject *planar(PyObject *self, PyObject *args) {
+PyObject *px_planar(PyObject *self, PyObject *args) {  // module.c lists it
     Py_buffer src, dst;
     int w, h, bpp;
     if (!PyArg_ParseTuple(args, "y*iiiw*", &src, &w, &h, &bpp, &dst)) return NULL;
@@ -45,12 +45,3 @@ static PyObject *planar(PyObject *self, PyObject *args) {
     PyBuffer_Release(&dst);
     return result;
 }
-
-static PyMethodDef methods[] = {
-    {"planar", planar, METH_VARARGS, "(h, w, 3 or 4) uint8 pixels -> (3, h, w) planes, into dst."},
-    {NULL, NULL, 0, NULL},
-};
-
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_planar", NULL, -1, methods};
-
-PyMODINIT_FUNC PyInit__planar(void) { return PyModule_Create(&module); }

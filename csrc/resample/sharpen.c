@@ -16,7 +16,10 @@
 #include <stdint.h>
 #include <string.h>
 
-static float kernel[9];  // Pillow's order: kernel[0..2] multiply the line below, [3..5] this one, [6..8] the one above
+// Pillow's order: kernel[0..2] multiply the line below, [3..5] this one, [6..8] the one above. Each weight is
+// a float32 quotient, as _imaging.c's kerneldata[i] /= divisor gives it (the compiler rounds the same).
+static const float kernel[9] = {1.0f / 13, 1.0f / 13, 1.0f / 13, 1.0f / 13, 5.0f / 13, 1.0f / 13, 1.0f / 13, 1.0f / 13,
+                                1.0f / 13};
 
 static inline float row3(const uint8_t *p, int d, const float *k) {
     return (float)p[-d] * k[0] + (float)p[0] * k[1] + (float)p[d] * k[2];
@@ -81,7 +84,7 @@ __attribute__((target("avx2"))) static size_t line_avx2(uint8_t *out, const uint
 }
 #endif
 
-static PyObject *sharpen(PyObject *self, PyObject *args) {
+PyObject *px_sharpen(PyObject *self, PyObject *args) {  // module.c lists it
     Py_buffer src, dst;
     int w, h, bpp, avx2 = 1;
     float alpha;
@@ -115,17 +118,4 @@ static PyObject *sharpen(PyObject *self, PyObject *args) {
     PyBuffer_Release(&src);
     PyBuffer_Release(&dst);
     return result;
-}
-
-static PyMethodDef methods[] = {
-    {"sharpen", sharpen, METH_VARARGS, "Pillow's Image.blend(img.filter(SMOOTH), img, alpha) of RGB pixels."},
-    {NULL, NULL, 0, NULL},
-};
-
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_sharpen", NULL, -1, methods};
-
-PyMODINIT_FUNC PyInit__sharpen(void) {
-    const float k[9] = {1, 1, 1, 1, 5, 1, 1, 1, 1};
-    for (int i = 0; i < 9; i++) kernel[i] = k[i] / 13.0f;  // _imaging.c: kerneldata[i] /= divisor, in float32
-    return PyModule_Create(&module);
 }

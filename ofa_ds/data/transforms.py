@@ -5,9 +5,9 @@ Outputs are uint8 (3, R, R) RGB arrays; ToTensor + Normalize(0.5, 0.5) happen wh
 (`collate.model_inputs`). Boxes are float32 pixels of the output image, computed in float32 as OFA's torch code
 does. What makes the chain cheaper than OFA's without moving any pixel: JPEGs are decoded by libjpeg-turbo's
 TurboJPEG API (simplejpeg; Pillow's pixels, faster); resize and crop are one bicubic resize of the kept window
-(Pillow's `Image.resize(box=...)`), run by the vectorised C extension `_bicubic` (csrc/resample; Pillow's pixels,
-about 6x faster) when it is built; RandAugment's shear and rotate run in the C extension `_warp` (csrc/resample;
-Pillow's bilinear `Image.transform` pixels, about 2.5x faster) and its sharpness in `_sharpen` (Pillow's SMOOTH
+(Pillow's `Image.resize(box=...)`), run by the vectorised C extension `_pixel_ops` (csrc/resample; Pillow's pixels,
+about 6x faster) when it is built; RandAugment's shear and rotate run in `_pixel_ops` too (csrc/resample;
+Pillow's bilinear `Image.transform` pixels, about 2.5x faster) and so does its sharpness (Pillow's SMOOTH
 filter and blend, bit for bit) when they are built, and its ops take a Pillow image or
 an (H, W, 3) array, so an image becomes a Pillow one only for the ops written with Pillow; and JPEGs are decoded
 with DCT scaling by 1/2..1/8 (Pillow's `draft`) when the decoded image stays at least as large as the resize
@@ -36,9 +36,9 @@ import simplejpeg
 from PIL import Image, ImageFile, ImageFilter
 
 try:  # csrc/resample, compiled by `pip install`
-    from ofa_ds.data import _bicubic, _planar, _sharpen, _warp
+    from ofa_ds.data import _pixel_ops
 except ImportError:  # not compiled (no C compiler at install): Pillow and numpy, the same pixels
-    _bicubic = _planar = _sharpen = _warp = None
+    _pixel_ops = None
 
 # As OFA: accept truncated files and images of any size (the corpus is trusted training data).
 ImageFile.LOAD_TRUNCATED_IMAGES = True
@@ -60,9 +60,9 @@ def planar_into(dst: np.ndarray, chw: np.ndarray) -> None:
     hwc = chw.transpose(1, 2, 0)
     h, w, _ = hwc.shape
     bpp = hwc.strides[1]
-    if _planar is not None and bpp in (3, 4) and hwc.strides == (w * bpp, bpp, 1):
+    if _pixel_ops is not None and bpp in (3, 4) and hwc.strides == (w * bpp, bpp, 1):
         # the whole (H, W, bpp) memory hwc views: for RGBX, the X bytes lie between its pixels
-        _planar.planar(np.lib.stride_tricks.as_strided(hwc, (h, w, bpp), (w * bpp, bpp, 1)), w, h, bpp, dst)
+        _pixel_ops.planar(np.lib.stride_tricks.as_strided(hwc, (h, w, bpp), (w * bpp, bpp, 1)), w, h, bpp, dst)
     else:
         np.copyto(dst, chw)
 
@@ -87,11 +87,11 @@ def _size(img: Image.Image | np.ndarray) -> tuple[int, int]:
 
 def resize_bicubic(pixels: np.ndarray, size: tuple[int, int], box: tuple[float, float, float, float]) -> np.ndarray:
     """Pillow's `Image.resize(size, BICUBIC, box=box)` of a uint8 (H, W, 3) array, as a (size[1], size[0], 3) one."""
-    if _bicubic is None:
+    if _pixel_ops is None:
         return np.asarray(Image.fromarray(pixels).resize(size, Image.BICUBIC, box=box))
     pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
     out = np.empty((size[1], size[0], 3), np.uint8)
-    _bicubic.resize(pixels, pixels.shape[1], pixels.shape[0], tuple(map(float, box)), out, *size)
+    _pixel_ops.resize(pixels, pixels.shape[1], pixels.shape[0], tuple(map(float, box)), out, *size)
     return out
 
 
@@ -308,13 +308,13 @@ def _brightness(img, rng):
 def _sharpness(img, rng):
     # OFA: smooth + factor * (img - smooth) with the (1 1 1; 1 5 1; 1 1 1)/13 kernel (PIL's SMOOTH), border
     # pixels unchanged; PIL's 3x3 filter copies the border, and blend truncates like OFA's uint8 cast.
-    if _sharpen is None:
+    if _pixel_ops is None:
         img = _pil(img)
         return Image.blend(img.filter(ImageFilter.SMOOTH), img, _ENHANCE)
     src = _pixels(img)
     h, w, bpp = src.shape
     out = np.empty_like(src)
-    _sharpen.sharpen(src, w, h, bpp, out, _ENHANCE)  # Pillow's pixels (csrc/resample/sharpen.c)
+    _pixel_ops.sharpen(src, w, h, bpp, out, _ENHANCE)  # Pillow's pixels (csrc/resample/sharpen.c)
     return out[..., :3]
 
 
@@ -330,13 +330,13 @@ def _affine(img: Image.Image | np.ndarray, m) -> Image.Image | np.ndarray:
     # OpenCV samples output pixel (x, y) at inv(x, y); PIL at A(x + 1/2, y + 1/2) - 1/2. Conjugate accordingly.
     inv[:, 2] += 0.5 - 0.5 * (inv[:, 0] + inv[:, 1])
     coeffs = tuple(inv.reshape(-1).tolist())
-    if _warp is None:
+    if _pixel_ops is None:
         img = _pil(img)
         return img.transform(img.size, Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR, fillcolor=FILL)
     src = _pixels(img)
     h, w = src.shape[:2]
     out = np.empty((h, w, 3), np.uint8)
-    _warp.affine(src, w, h, src.shape[2], coeffs, out, FILL)  # Pillow's pixels (csrc/resample/affine.c)
+    _pixel_ops.affine(src, w, h, src.shape[2], coeffs, out, FILL)  # Pillow's pixels (csrc/resample/affine.c)
     return out
 
 

@@ -70,10 +70,7 @@ def extensions() -> dict:
             out[op] = "JIT on first use" if builder.is_compatible(verbose=False) else "incompatible"
     out["ofa_ds resnet_cuda"] = " - ".join(extension_status().values())
     out["triton"] = "available" if triton_available() else "not installed"
-    out["ofa_ds bicubic"] = "built" if transforms._bicubic else "not built: Pillow's resize (same pixels, slower)"
-    out["ofa_ds warp"] = "built" if transforms._warp else "not built: Pillow's transform (same pixels, slower)"
-    out["ofa_ds sharpen"] = "built" if transforms._sharpen else "not built: Pillow's filter (same pixels, slower)"
-    out["ofa_ds planar"] = "built" if transforms._planar else "not built: numpy's copy (same pixels, slower)"
+    out["ofa_ds pixel_ops"] = "built" if transforms._pixel_ops else "not built: Pillow and numpy (same pixels, slower)"
     out["ofa_ds jpegtran"] = "built" if tsv_rows._jpegtran else "not built: tsv2arrow keeps progressive JPEGs"
     return out
 
