@@ -19,7 +19,7 @@ RESNET_LAYERS = {
     "resnet101": (3, 4, 23),
     "resnet152": (3, 8, 36),
 }
-BN_MODES = ("batch", "sync", "frozen")
+BN_MODES = ("batch", "sync", "sync_node", "frozen")
 ATTN_BACKENDS = ("auto", "reference", "sdpa", "triton")
 
 
@@ -134,7 +134,7 @@ class ModelConfig:
     dropout: float = 0.1
     encoder_drop_path: float = 0.1
     decoder_drop_path: float = 0.1
-    bn_mode: str = "batch"  # batch: per-rank statistics (OFA); sync: all-reduced; frozen: affine only
+    bn_mode: str = "batch"  # batch: per-rank statistics (OFA); sync: over all ranks; sync_node: over a node's; frozen
     attn_backend: str = "auto"  # auto: triton on CUDA, sdpa elsewhere
     pad_id: int = 1
 

@@ -2,13 +2,22 @@
 
 As a script it is one rank of `ofa-ds pretrain`, optionally with a fault injected on rank 0:
 
-    python tests/pretrain_harness.py [--fault KIND@STEP] [--dump-weights FILE] [--fixed-batch] -- PRETRAIN_ARGS
+    python tests/pretrain_harness.py [--fault KIND@STEP] [--dump-weights FILE] [--fixed-batch] ... -- PRETRAIN_ARGS
 
     sigterm@K        after update K, SIGTERM to every rank (the process group), as Slurm or a launcher does
+    kill@K           after update K, SIGKILL to every rank (a node lost, an OOM kill): no checkpoint is written
     crash-in-save@K  SIGKILL to every rank while rank 0 writes its ZeRO shard of checkpoint K
     nan@K            the loss of update K is NaN
-    --dump-weights   after the last checkpoint, the live (partitioned) parameters gathered to rank 0 and saved
+    overflow@K       update K's gradients overflow fp16 (its loss is scaled by 1e30 in the backward only)
+    --dump-weights   after the last checkpoint, the live (partitioned) parameters gathered to rank 0 and saved;
+                     FILE.json gets the largest |logits| difference between engine(x) and the model's own
+                     encode + decode called outside the engine's forward
     --fixed-batch    every micro-step sees the loader's first micro-batch
+    --trace-init DIR each rank that reads the init_from file touches DIR/rank{R}
+    --record-lr FILE rank 0 writes, per applied optimizer step, [update, lr] as JSON lines
+    --cpu-fp16       DeepSpeed's CPU accelerator reports fp16 (torch runs fp16 on any x86-64 CPU, slowly; the
+                     accelerator answers from the CPU's oneDNN features)
+    --fake-host      rank R reports host node-R (a node per rank)
 """
 from __future__ import annotations
 
@@ -23,13 +32,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS = Path(__file__).resolve()
+# OFA's dropout, drop-path and per-rank BatchNorm: the paths pretraining runs.
 TINY_MODEL = dict(embed_dim=64, ffn_dim=128, heads=2, encoder_layers=1, decoder_layers=1, resnet="resnet18",
-                  dropout=0.0, encoder_drop_path=0.0, decoder_drop_path=0.0, bn_mode="frozen")
+                  dropout=0.1, encoder_drop_path=0.1, decoder_drop_path=0.1, bn_mode="batch")
 TINY_DATA = dict(image_size=32, extra_image_size=32, sample_patch_num=2, num_workers=0)
 # OFA_SPEC 7: AdamW lr 1e-4, betas (0.9, 0.999), eps 1e-8, weight decay 0.01, clip 5.0
 DS_FP32_ZERO3 = {"zero_optimization": {"stage": 3}, "gradient_clipping": 5.0, "steps_per_print": 10**9,
                  "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8,
                                                            "weight_decay": 0.01, "torch_adam": True}}}
+# ZeRO-3 with every parameter partitioned (DeepSpeed keeps tensors under 1e5 elements whole by default: almost all
+# of the tiny model's)
+DS_PARTITIONED = {**DS_FP32_ZERO3, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+THRESHOLDS = {"default": DS_FP32_ZERO3, "partitioned": DS_PARTITIONED}
 
 
 # ---------------------------------------------------------------------------------------------------- test side
@@ -82,7 +96,8 @@ def env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": path}
 
 
-def launch(nprocs: int, pretrain_args: list[str], *, harness: list[str] = (), timeout: float = 600):
+def launch(nprocs: int, pretrain_args: list[str], *, harness: list[str] = (), timeout: float = 600,
+           rank_env: dict[int, dict] | None = None):
     """Start `nprocs` ranks directly (as torchrun would) in one new process group and wait for all of them.
     Returns (return codes, combined output). The timeout is generous: the first launch on a machine JIT-builds
     DeepSpeed's CPU comm op (2-4 minutes)."""
@@ -90,7 +105,7 @@ def launch(nprocs: int, pretrain_args: list[str], *, harness: list[str] = (), ti
     procs, logs = [], []
     for rank in range(nprocs):
         e = {**env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nprocs),
-             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **(rank_env or {}).get(rank, {})}
         logs.append(tempfile.TemporaryFile("w+"))
         procs.append(subprocess.Popen([sys.executable, str(HARNESS), *harness, "--", *pretrain_args], env=e, cwd=ROOT,
                                       stdout=logs[-1], stderr=subprocess.STDOUT,
@@ -118,10 +133,11 @@ def metrics(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
     return out
 
 
-def reference_run(base: Path, data: dict) -> Path:
-    """The uninterrupted 2-rank ZeRO-3 fp32 run that the equivalence, resume and export tests compare with:
-    4 updates from init.safetensors, checkpoints at 2 and 4, live weights dumped at the end. Made once per session."""
-    d = base / "reference_run"
+def reference_run(base: Path, data: dict, variant: str = "default") -> Path:
+    """The uninterrupted 2-rank ZeRO-3 fp32 run that the equivalence, resume and export tests compare with: 4 updates
+    from init.safetensors, checkpoints at 2 and 4, live weights dumped at the end. `variant` is a key of THRESHOLDS.
+    Made once per session and variant."""
+    d = base / f"reference_run_{variant}"
     if not (d / "done").is_file():
         import torch
 
@@ -133,9 +149,9 @@ def reference_run(base: Path, data: dict) -> Path:
         torch.manual_seed(0)
         d.mkdir(parents=True, exist_ok=True)
         save_safetensors(OFAModel(cfg).state_dict(), cfg, d / "init.safetensors")
-        run = write_run(d, data, train={"steps": 4, "save_every": 2, "keep_last": 3})
+        run = write_run(d, data, ds=THRESHOLDS[variant], train={"steps": 4, "save_every": 2, "keep_last": 3})
         codes, out = launch(2, [str(run), "--init-from", str(d / "init.safetensors")],
-                            harness=["--dump-weights", str(d / "live.pt")])
+                            harness=["--dump-weights", str(d / "live.pt"), "--trace-init", str(d / "init_reads")])
         assert codes == [0, 0], out
         (d / "done").write_text("")
     return d
@@ -152,6 +168,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--fault")
     ap.add_argument("--dump-weights")
     ap.add_argument("--fixed-batch", action="store_true")
+    ap.add_argument("--trace-init")
+    ap.add_argument("--record-lr")
+    ap.add_argument("--cpu-fp16", action="store_true")
+    ap.add_argument("--fake-host", action="store_true")
     ap.add_argument("rest", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
@@ -162,6 +182,16 @@ def main(argv: list[str]) -> int:
         _dump_weights_after_last_save(args.dump_weights)
     if args.fixed_batch:
         _fixed_batch()
+    if args.trace_init:
+        _trace_init(Path(args.trace_init))
+    if args.record_lr:
+        _record_lr(args.record_lr)
+    if args.cpu_fp16:
+        from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+        CPU_Accelerator.is_fp16_supported = lambda self: True
+    if args.fake_host:
+        socket.gethostname = lambda: f"node-{os.environ['RANK']}"
     from ofa_ds.cli import main as cli
 
     return cli(["pretrain", *rest])
@@ -179,15 +209,19 @@ def _inject(kind: str, k: int) -> None:
     step = engine.train_step
 
     def train_step(eng, *a, **kw):
-        nan = kind == "nan" and eng.global_steps == k - 1
-        if nan:
+        here = eng.global_steps == k - 1
+        if here and kind == "nan":
             orig = engine.token_nll
             engine.token_nll = lambda *x, **y: orig(*x, **y) * torch.tensor(float("nan"))
+        if here and kind == "overflow":
+            eng.backward = lambda loss, **y: type(eng).backward(eng, loss * 1e30, **y)
         stats = step(eng, *a, **kw)
-        if nan:
+        if here and kind == "nan":
             engine.token_nll = orig
-        if eng.global_steps == k and _rank0() and kind == "sigterm":
-            os.killpg(os.getpgrp(), signal.SIGTERM)
+        if here and kind == "overflow":
+            del eng.backward
+        if eng.global_steps == k and _rank0() and kind in ("sigterm", "kill"):
+            os.killpg(os.getpgrp(), signal.SIGTERM if kind == "sigterm" else signal.SIGKILL)
         return stats
 
     engine.train_step = train_step
@@ -223,9 +257,69 @@ def _dump_weights_after_last_save(path: str) -> None:
             live.update({k: b.detach().clone() for k, b in engine.module.state_dict().items() if k not in live})
             if dist.get_rank() == 0:
                 torch.save(live, path)
+            diff = _encode_decode_outside_the_engine(engine)
+            if dist.get_rank() == 0:
+                Path(path + ".json").write_text(json.dumps({"encode_decode_max_diff": diff}))
         return out
 
     checkpoint.save = save_and_dump
+
+
+@__import__("torch").no_grad()
+def _encode_decode_outside_the_engine(engine) -> float:
+    """Logits of engine(x) against model.encode + model.decode called directly (outside the engine's forward: under
+    ZeRO-3 each module must gather what it reads by itself), on a fixed random batch, in eval mode."""
+    import torch
+
+    from ofa_ds.train.engine import _compute_dtype
+
+    model, cfg = engine.module, engine.module.cfg
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 32, 32, generator=g).to(_compute_dtype(engine))
+    x = {"src_tokens": torch.randint(4, cfg.vocab_size, (2, 6), generator=g),
+         "patch_images": images, "patch_masks": torch.tensor([True, False]),
+         "prev_output_tokens": torch.randint(4, cfg.vocab_size, (2, 5), generator=g)}
+    engine.eval()
+    whole = engine(x)
+    parts = model.decode(x["prev_output_tokens"], model.encode(x["src_tokens"], x["patch_images"], x["patch_masks"]))
+    engine.train()
+    return float((whole - parts).abs().max())
+
+
+def _trace_init(d: Path) -> None:
+    from ofa_ds.train import engine
+
+    read = engine.init_state_dict
+
+    def traced(*a, **kw):
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"rank{os.environ['RANK']}").write_text("")
+        return read(*a, **kw)
+
+    engine.init_state_dict = traced
+
+
+def _record_lr(path: str) -> None:
+    """Rank 0 appends [update, lr] each time the torch optimizer under DeepSpeed really steps."""
+    from ofa_ds.train import engine
+
+    initialize = engine.initialize
+
+    def recording(*a, **kw):
+        eng = initialize(*a, **kw)
+        opt = eng.basic_optimizer
+        step = opt.step
+
+        def recorded_step(*x, **y):
+            if _rank0():
+                with open(path, "a") as f:
+                    f.write(json.dumps([eng.global_steps + 1, opt.param_groups[0]["lr"]]) + "\n")
+            return step(*x, **y)
+
+        opt.step = recorded_step
+        return eng
+
+    engine.initialize = recording
 
 
 def _fixed_batch() -> None:

@@ -77,22 +77,22 @@ def test_config_diffs_name_nested_keys():
 
 
 @pytest.mark.slow
-def test_interrupted_runs_resume_bit_identically(tmp_path, tmp_path_factory):
-    """Killed while writing a checkpoint, resumed, signalled, resumed again, with 2 loader workers per rank: the
-    same losses and weights as the uninterrupted reference run (no workers), bit for bit."""
+@pytest.mark.parametrize("variant", ["default", "partitioned"])
+def test_interrupted_runs_resume_bit_identically(variant, tmp_path, tmp_path_factory):
+    """OFA's dropout and drop-path on, per-rank BatchNorm, 2 loader workers per rank: SIGKILLed after a checkpoint,
+    resumed and signalled, resumed and killed while writing a checkpoint, resumed again: the same losses and weights
+    as the uninterrupted reference run (no workers), bit for bit."""
     base = tmp_path_factory.getbasetemp()
     data = H.tiny_data(base / "tiny_data")
-    ref = H.reference_run(base, data)
-    run = H.write_run(tmp_path, data, train={"steps": 4, "save_every": 2, "keep_last": 3})
+    ref = H.reference_run(base, data, variant)
+    run = H.write_run(tmp_path, data, ds=H.THRESHOLDS[variant], train={"steps": 4, "save_every": 2, "keep_last": 3})
     args = [str(run), "--init-from", str(ref / "init.safetensors"), "--set", "data.num_workers=2"]
     ckpt = tmp_path / "run" / "checkpoints"
 
-    # 1. SIGKILL to every rank while rank 0 writes its ZeRO shard of checkpoint 4: checkpoint 2 stays `latest`
-    codes, out = H.launch(2, args, harness=["--fault", "crash-in-save@4"])
+    # 1. SIGKILL to every rank after update 3 (a lost node): checkpoint 2 stays `latest`, update 3 is lost
+    codes, out = H.launch(2, args, harness=["--fault", "kill@3"])
     assert codes == [-9, -9], out
     assert (ckpt / "latest").read_text() == "step_00000002"
-    partial = ckpt / "step_00000004"
-    assert any(partial.glob("*optim_states.pt")) and not (partial / "meta.json").exists()
 
     # 2. resumes from 2; SIGTERM (as Slurm or the launcher sends it) after update 3: saves 3, exits cleanly
     codes, out = H.launch(2, [*args, "--resume"], harness=["--fault", "sigterm@3"])
@@ -100,11 +100,19 @@ def test_interrupted_runs_resume_bit_identically(tmp_path, tmp_path_factory):
     assert f"resuming at 2 from {ckpt / 'step_00000002'}" in out and "SIGTERM received" in out
     assert (ckpt / "latest").read_text() == "step_00000003"
 
-    # 3. resumes from 3 and finishes
+    # 3. resumes from 3; SIGKILL to every rank while rank 0 writes its ZeRO shard of checkpoint 4: 3 stays `latest`
+    codes, out = H.launch(2, [*args, "--resume"], harness=["--fault", "crash-in-save@4"])
+    assert codes == [-9, -9], out
+    assert (ckpt / "latest").read_text() == "step_00000003"
+    partial = ckpt / "step_00000004"
+    assert any(partial.glob("*optim_states.pt")) and not (partial / "meta.json").exists()
+
+    # 4. resumes from 3 and finishes
     codes, out = H.launch(2, [*args, "--resume"], harness=["--dump-weights", str(tmp_path / "live.pt")])
     assert codes == [0, 0], out
     assert f"resuming at 3 from {ckpt / 'step_00000003'}" in out
     assert H.metrics(tmp_path / "run") == H.metrics(ref / "run")  # every update's loss, bit for bit
     live, want = torch.load(tmp_path / "live.pt", weights_only=True), torch.load(ref / "live.pt", weights_only=True)
-    assert live.keys() == want.keys() and all(torch.equal(live[k], want[k]) for k in want)
+    assert live.keys() == want.keys()
+    assert [k for k in want if not torch.equal(live[k], want[k])] == []  # parameters and rank 0's buffers
     assert [p.name for p in checkpoint.complete_tags(ckpt)] == ["step_00000002", "step_00000003", "step_00000004"]

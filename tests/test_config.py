@@ -55,7 +55,7 @@ def test_unknown_preset_lists_valid_ones():
     ({"heads": "4"}, r"model.heads: expected int"),
     ({"embed_dim": 256, "heads": 3}, "heads=3 does not divide model.embed_dim=256"),
     ({"resnet": "resnet200"}, "valid: resnet18"),
-    ({"bn_mode": "group"}, "valid: batch, sync, frozen"),
+    ({"bn_mode": "group"}, "valid: batch, sync, sync_node, frozen"),
 ])
 def test_bad_config(bad, msg):
     with pytest.raises(ConfigError, match=msg):

@@ -11,7 +11,8 @@ import yaml
 
 from ofa_ds.config import ConfigError, TrainConfig
 from ofa_ds.model.convert import CheckpointError, save_safetensors
-from ofa_ds.train.engine import ds_config, init_state_dict, load_ds_config, load_weights
+from ofa_ds.train.engine import (check_accelerator, ds_config, init_state_dict, load_ds_config, load_weights,
+                                  local_rank, ranks_by_host)
 from ofa_ds.train.pretrain import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,8 +23,9 @@ def data(tmp_path_factory):
     return H.tiny_data(tmp_path_factory.getbasetemp() / "tiny_data")
 
 
-def args(config, *sets, resume=None):
-    return argparse.Namespace(config=Path(config), overrides=list(sets), out_dir=None, init_from=None, resume=resume)
+def args(config, *sets, resume=None, change_geometry=False):
+    return argparse.Namespace(config=Path(config), overrides=list(sets), out_dir=None, init_from=None, resume=resume,
+                              change_geometry=change_geometry)
 
 
 def expect(error, match, config, *sets, **kw):
@@ -80,8 +82,13 @@ def test_deepspeed_config_keys_owned_by_ofa_ds_or_missing_are_named(data, tmp_pa
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "ds").glob("*.json")), ids=lambda p: p.name)
-def test_shipped_deepspeed_configs_are_valid(path):
+@pytest.mark.parametrize("host_fp16", [True, False], ids=["cpu_with_fp16", "cpu_without_fp16"])
+def test_shipped_deepspeed_configs_are_valid(path, host_fp16, monkeypatch):
+    """Whatever the checking machine's CPU: DeepSpeed's CPU accelerator reports fp16 from its oneDNN features."""
+    from deepspeed.accelerator import get_accelerator
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: host_fp16)
 
     d = load_ds_config(path)
     assert d["gradient_clipping"] == 5.0  # OFA's; DeepSpeed's default would be 1.0
@@ -89,6 +96,40 @@ def test_shipped_deepspeed_configs_are_valid(path):
     DeepSpeedZeroConfig(**d["zero_optimization"])  # DeepSpeed's own schema (unknown keys are errors)
     merged = ds_config(d, TrainConfig(global_batch=16, micro_batch=2), 8, path.name)
     assert merged["gradient_accumulation_steps"] == 1
+    if d.get("bf16", {}).get("enabled"):  # accumulate and reduce in fp32 (configs/ds/README.md)
+        assert d["data_types"] == {"grad_accum_dtype": "fp32"} and d["communication_data_type"] == "fp32"
+
+
+def test_precision_the_machine_lacks_is_refused_at_run_time_only(monkeypatch):
+    from deepspeed.accelerator import get_accelerator
+
+    fp16 = load_ds_config(ROOT / "configs" / "ds" / "fp16_zero3.json")
+    ds_config(fp16, TrainConfig(global_batch=16, micro_batch=2), 8, "fp16_zero3.json")
+    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: False)
+    with pytest.raises(ConfigError, match="fp16_zero3.json: fp16.enabled but the cpu accelerator has no fp16"):
+        check_accelerator(fp16, "fp16_zero3.json")
+
+
+def test_bf16_without_fp32_gradient_accumulation_is_refused():
+    ds = {**H.DS_FP32_ZERO3, "bf16": {"enabled": True}}
+    with pytest.raises(ConfigError, match=r'ds.json: bf16 needs "data_types": \{"grad_accum_dtype": "fp32"\} \(got None\)'):
+        ds_config(ds, TrainConfig(global_batch=8, micro_batch=2), 1, "ds.json")
+    ds_config({**ds, "data_types": {"grad_accum_dtype": "fp32"}}, TrainConfig(global_batch=8, micro_batch=2), 1, "ds.json")
+
+
+@pytest.mark.parametrize("var", ["LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"])
+def test_local_rank_from_every_launcher(var, monkeypatch):
+    for v in ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"):
+        monkeypatch.delenv(v, raising=False)
+    assert local_rank() == 0
+    monkeypatch.setenv(var, "5")
+    assert local_rank() == 5
+
+
+def test_ranks_by_host_groups_each_nodes_ranks():
+    assert ranks_by_host(["a", "a", "b", "b"]) == [[0, 1], [2, 3]]
+    assert ranks_by_host(["b", "a", "b", "a"]) == [[0, 2], [1, 3]]
+    assert ranks_by_host(["x"]) == [[0]]
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "pretrain").glob("*.yaml")), ids=lambda p: p.name)
@@ -139,6 +180,23 @@ def test_resume_refuses_a_checkpoint_of_another_model_naming_the_differences(dat
     expect(ConfigError, r"written by 2 ranks, this run has 1", cfg, resume="")
     (tag / "meta.json").unlink()
     expect(ConfigError, r"step_00000002: incomplete checkpoint", cfg, resume=str(tag))
+
+
+def test_resume_with_another_schedule_or_data_order_is_refused_unless_accepted(data, tmp_path):
+    cfg = H.write_run(tmp_path, data)
+    tag = tmp_path / "run" / "checkpoints" / "step_00000002"
+    tag.mkdir(parents=True)
+    plan = prepare(args(cfg))
+    meta = {"step": 2, "world_size": 1, "model": plan.model.to_dict(), "config": plan.run.to_dict()}
+    (tag / "meta.json").write_text(json.dumps(meta))
+    (tag.parent / "latest").write_text(tag.name)
+    assert prepare(args(cfg, "train.log_every=5", resume="")).resume == tag  # not geometry: printed, accepted
+    expect(ConfigError, r"another schedule or data order \(checkpoint -> this run\):\n  data\.seed: 7 -> 8\n"
+                        r"  train\.micro_batch: 2 -> 4\n  train\.steps: 6 -> 9\nresume with the checkpoint's values, "
+                        r"or pass --change-geometry", cfg, "train.steps=9", "train.micro_batch=4", "data.seed=8", resume="")
+    expect(ConfigError, r"train\.global_batch: 8 -> 16", cfg, "train.global_batch=16", resume="")
+    plan = prepare(args(cfg, "train.steps=9", resume="", change_geometry=True))
+    assert plan.resume == tag and plan.run.train.steps == 9
 
 
 def test_env_reports_versions_backend_and_extensions(capsys):

@@ -9,9 +9,10 @@ from ofa_ds.model.ofa import OFAModel
 
 
 @pytest.mark.slow
-def test_export_round_trip_reproduces_the_trained_weights(tmp_path, tmp_path_factory):
+@pytest.mark.parametrize("variant", ["default", "partitioned"])
+def test_export_round_trip_reproduces_the_trained_weights(variant, tmp_path, tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
-    ref = H.reference_run(base, H.tiny_data(base / "tiny_data"))
+    ref = H.reference_run(base, H.tiny_data(base / "tiny_data"), variant)
     live = torch.load(ref / "live.pt", weights_only=True)  # gathered from the engine after the last update
 
     assert main(["export", str(ref / "run"), str(tmp_path / "model.safetensors"), str(tmp_path / "ofa.pt")]) == 0

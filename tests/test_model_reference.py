@@ -41,6 +41,7 @@ def assert_close(got, want, what):
     from float64 by up to 2.9e-6 (meta.json "precision"), and ours from it by up to 3.6e-6 depending on the CPU
     thread count."""
     err = (got - want).abs()
+    print(f"{what}: max abs error {err.max():.2g}")  # the README's figure: pytest -s tests/test_model_reference.py
     assert err.max() <= 1e-4, f"{what}: max abs error {err.max():.3g}"
     big = want.abs() >= 1
     assert big.sum() > 0

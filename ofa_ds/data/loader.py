@@ -179,9 +179,13 @@ class Loader:
     def __iter__(self):
         start = self.sampler.step_of(self.consumed_samples)
         workers = self.num_workers > 0
+        # The DataLoader draws its workers' base seed when an iterator starts: from its own generator, not the
+        # global one, whose state (dropout, drop-path) a resumed run restores and must not see shifted. The batches
+        # draw nothing from it (their Generators are seeded per row).
         loader = torch.utils.data.DataLoader(
             _Wire(self.batches) if workers else self.batches, batch_size=None, sampler=itertools.count(start),
             num_workers=self.num_workers, collate_fn=_as_is, pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(self.batches.cfg.seed),
         )
         for batch in _received(iter(loader)) if workers else loader:
             self.consumed_samples += self.sampler.global_micro_batch

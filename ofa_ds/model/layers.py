@@ -34,6 +34,16 @@ class Embedding(nn.Embedding):
         self._fill_padding_idx_with_zero()
 
 
+class SharedEmbedding(Embedding):
+    """The token embedding that is also the output projection (tied): a module call either way, so that an engine
+    that gathers a module's parameters around its forward (ZeRO-3) sees both uses."""
+
+    def forward(self, x, output: bool = False):
+        if output:
+            return F.linear(x, self.weight)  # hidden states (B, T, D) -> logits (B, T, V)
+        return super().forward(x)
+
+
 def layer_norm(d: int) -> nn.LayerNorm:
     return nn.LayerNorm(d, eps=1e-5)
 

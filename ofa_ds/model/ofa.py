@@ -9,12 +9,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ofa_ds.config import ModelConfig
 from ofa_ds.kernels.attention.relpos import KIND_IMAGE, KIND_TEXT, RelPos, text_bucket_lut
-from ofa_ds.model.layers import DecoderLayer, Embedding, EncoderLayer, Linear, layer_norm
+from ofa_ds.model.layers import DecoderLayer, Embedding, EncoderLayer, Linear, SharedEmbedding, layer_norm
 from ofa_ds.model.resnet import OUT_CHANNELS, ResNet
 
 
@@ -70,7 +69,7 @@ class Encoder(nn.Module):
         if patch_masks is None:
             patch_masks = torch.ones(B, dtype=torch.bool, device=feats.device)
         pad = (~patch_masks)[:, None].expand(B, ids.shape[1])
-        x = self.image_proj(feats) + self.type_embedding.weight[1]
+        x = self.image_proj(feats) + self.type_embedding(feats.new_full((), 1, dtype=torch.long))
         return self.dropout(self.patch_layernorm_embedding(x)), pad, ids
 
     def forward(self, embed_tokens: nn.Embedding, text_lut, src_tokens, patch_images=None, patch_masks=None,
@@ -80,9 +79,9 @@ class Encoder(nn.Module):
         if L > cfg.max_positions:
             raise ValueError(f"source text of {L} tokens; the limit is max_positions={cfg.max_positions}")
         text_pos_ids = torch.arange(L, device=src_tokens.device).expand(B, L)
-        x = self.dropout(self.layernorm_embedding(embed_tokens(src_tokens) + self.type_embedding.weight[0]))
+        x = self.dropout(self.layernorm_embedding(embed_tokens(src_tokens) + self.type_embedding(src_tokens.new_zeros(()))))
         pad = src_tokens.eq(cfg.pad_id)
-        pos = self.pos_ln(self.embed_positions.weight[:L]).expand(B, L, -1)
+        pos = self.pos_ln(self.embed_positions(text_pos_ids[0])).expand(B, L, -1)
         kind = torch.full((B, L), KIND_TEXT, dtype=torch.int8, device=src_tokens.device)
         pos_ids = text_pos_ids
         if patch_images is not None:
@@ -132,7 +131,7 @@ class Decoder(nn.Module):
         c = code[:, None, None]
         img_ids = self.image_position_idx[:T]
         pos = torch.where(c, self.image_pos_ln(self.embed_image_positions(img_ids)),
-                          self.pos_ln(self.embed_positions.weight[:T]))  # (B, T, D)
+                          self.pos_ln(self.embed_positions(torch.arange(T, device=dev))))  # (B, T, D)
         self_pos = heads(self.self_pos_q_linear(pos), cfg.heads), heads(self.self_pos_k_linear(pos), cfg.heads)
         cross_pos = heads(self.cross_pos_q_linear(pos), cfg.heads), heads(self.cross_pos_k_linear(enc.pos), cfg.heads)
 
@@ -158,7 +157,7 @@ class OFAModel(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=cfg.pad_id)  # tied in and out
+        self.embed_tokens = SharedEmbedding(cfg.vocab_size, cfg.embed_dim, padding_idx=cfg.pad_id)  # tied in and out
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         self.register_buffer("text_lut", text_bucket_lut(cfg.token_bucket_size, cfg.max_positions), persistent=False)
@@ -168,12 +167,20 @@ class OFAModel(nn.Module):
 
     def decode(self, prev_output_tokens, enc: EncoderOut, code_masks=None):
         x = self.decoder(self.embed_tokens, self.text_lut, prev_output_tokens, enc, code_masks)
-        return F.linear(x, self.embed_tokens.weight)  # (B, T, V)
+        return self.embed_tokens(x, output=True)  # (B, T, V)
 
     def forward(self, stream: dict) -> torch.Tensor:
         enc = self.encode(stream["src_tokens"], stream.get("patch_images"), stream.get("patch_masks"),
                           stream.get("patch_idx"))
         return self.decode(stream["prev_output_tokens"], enc, stream.get("code_masks"))
+
+    def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        """(module, parameter) pairs in which the module's forward reads a parameter it does not own: each layer's
+        relative-position tables, which the layer hands to its attention. Every other parameter is read inside its
+        own module's forward, so a partitioning engine (ZeRO-3) that gathers a module's parameters around its
+        forward needs to be told of these alone (engine.build_model registers them)."""
+        layers = [*self.encoder.layers, *self.decoder.layers]
+        return [(layer, p) for layer in layers for p in layer.rel_pos.parameters()]
 
     def num_parameters(self) -> int:
         """Learnable parameters, the tied embedding counted once (as OFA's published counts)."""

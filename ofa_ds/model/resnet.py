@@ -12,21 +12,27 @@ from torch import nn
 from ofa_ds.kernels.resnet import batch_norm_act
 
 OUT_CHANNELS = 1024  # stage-3 output: 4 x 256
+SYNC_MODES = ("sync", "sync_node")
 
 
 class BatchNorm2d(nn.Module):
-    """BatchNorm2d (momentum 0.1) in one of three modes, with an optional fused residual add + ReLU.
+    """BatchNorm2d (momentum 0.1) in one of four modes, with an optional fused residual add + ReLU.
 
     batch:  per-rank batch statistics, as OFA pretrains (eps 1e-5);
-    sync:   statistics combined over `sync_group` (default: the whole world) before normalising; eps 1e-3 as
+    sync:   statistics combined over all ranks before normalising; eps 1e-3 as
             OFA's --sync-bn (SyncBatchNorm(eps=1e-3));
+    sync_node: as sync, over the ranks of one node (`sync_group`, set by the training engine);
     frozen: running statistics and a fixed affine (weight and bias are buffers), in training too.
     """
+
+    # Buffers DeepSpeed keeps in fp32 when zero.Init builds a bf16/fp16 model (its transformers-style list): running
+    # statistics updated in bf16 lose the 0.1 x (batch - running) steps near 1.0 and stall there.
+    _keep_in_fp32_modules_strict = ("running_mean", "running_var", "weight", "bias")
 
     def __init__(self, channels: int, mode: str = "batch"):
         super().__init__()
         self.mode = mode
-        self.eps = 1e-3 if mode == "sync" else 1e-5
+        self.eps = 1e-3 if mode in SYNC_MODES else 1e-5
         self.sync_group = None
         if mode == "frozen":
             self.register_buffer("weight", torch.ones(channels))
@@ -43,8 +49,10 @@ class BatchNorm2d(nn.Module):
         if training:
             self.num_batches_tracked.add_(1)
         group = None
-        if training and self.mode == "sync" and dist.is_available() and dist.is_initialized():
-            group = self.sync_group or dist.group.WORLD
+        if training and self.mode in SYNC_MODES and dist.is_available() and dist.is_initialized():
+            group = dist.group.WORLD if self.mode == "sync" else self.sync_group
+            if group is None:
+                raise RuntimeError("bn_mode sync_node: no node group set (the training engine sets sync_group)")
         return batch_norm_act(x, self.weight, self.bias, self.running_mean, self.running_var, training=training,
                               momentum=0.1, eps=self.eps, residual=residual, relu=relu, sync_group=group)
 

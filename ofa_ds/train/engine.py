@@ -25,7 +25,7 @@ from deepspeed.accelerator import get_accelerator
 from ofa_ds.config import ConfigError, ModelConfig, TrainConfig
 from ofa_ds.data.collate import model_inputs
 from ofa_ds.model.ofa import OFAModel
-from ofa_ds.train import schedule
+from ofa_ds.model.resnet import BatchNorm2d
 from ofa_ds.train.flops import stream_shape, train_flops
 from ofa_ds.train.loss import STREAMS, count_tokens, micro_loss, task_sums, token_nll, weighted_sum
 
@@ -56,7 +56,8 @@ def load_ds_config(path: str | Path) -> dict:
 
 
 def ds_config(ds: dict, train: TrainConfig, dp_size: int, where: str) -> dict:
-    """The DeepSpeed config for this run: the JSON checked, plus the batch geometry."""
+    """The DeepSpeed config for this run: the JSON checked, plus the batch geometry. The checks depend on the file
+    alone, not on the machine that runs them (check_accelerator is the machine's side)."""
     for key, instead in OWNED.items():
         if key in ds:
             raise ConfigError(f"{where}: {key!r} is set by ofa-ds from {instead}; remove it")
@@ -68,13 +69,24 @@ def ds_config(ds: dict, train: TrainConfig, dp_size: int, where: str) -> dict:
         raise ConfigError(f"{where}: optimizer.type must be AdamW (OFA_SPEC 7), got {opt!r}")
     if zero_stage(ds) not in (1, 2, 3):
         raise ConfigError(f"{where}: zero_optimization.stage must be 1, 2 or 3, got {zero_stage(ds)!r}")
-    acc = get_accelerator()
-    if ds.get("fp16", {}).get("enabled") and not acc.is_fp16_supported():
-        raise ConfigError(f"{where}: fp16.enabled but the {acc.device_name()} accelerator has no fp16; use bf16 or fp32")
-    if ds.get("bf16", {}).get("enabled") and not acc.is_bf16_supported():
-        raise ConfigError(f"{where}: bf16.enabled but the {acc.device_name()} accelerator has no bf16; use fp16 or fp32")
+    if precision(ds) == "bf16":
+        accum = ds.get("data_types", {}).get("grad_accum_dtype")
+        if accum != "fp32":
+            raise ConfigError(f"{where}: bf16 needs \"data_types\": {{\"grad_accum_dtype\": \"fp32\"}} (got {accum!r}): "
+                              f"DeepSpeed's default under ZeRO accumulates gradients in bf16, which drops the small "
+                              f"contributions of later micro-batches (configs/ds/README.md)")
     return {**ds, "train_batch_size": train.global_batch, "train_micro_batch_size_per_gpu": train.micro_batch,
             "gradient_accumulation_steps": train.accumulation(dp_size)}
+
+
+def check_accelerator(ds: dict, where: str) -> None:
+    """Refuse a precision this machine's accelerator lacks (DeepSpeed's CPU accelerator reports fp16 from the
+    host CPU's features)."""
+    acc = get_accelerator()
+    if precision(ds) == "fp16" and not acc.is_fp16_supported():
+        raise ConfigError(f"{where}: fp16.enabled but the {acc.device_name()} accelerator has no fp16; use bf16 or fp32")
+    if precision(ds) == "bf16" and not acc.is_bf16_supported():
+        raise ConfigError(f"{where}: bf16.enabled but the {acc.device_name()} accelerator has no bf16; use fp16 or fp32")
 
 
 def zero_stage(ds: dict) -> int:
@@ -88,13 +100,21 @@ def precision(ds: dict) -> str:
 # ---------------------------------------------------------------------------------------------------- processes
 
 
-# Rank and world-size variables of the launchers: deepspeed / torchrun, OpenMPI, MPICH / Intel MPI.
-_RANK_ENV, _SIZE_ENV = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"), ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+# Rank, world-size and local-rank variables of the launchers: deepspeed / torchrun, OpenMPI, MPICH / Intel MPI
+# (PMI), and Slurm's srun for the local rank.
+_RANK_ENV = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+_SIZE_ENV = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+_LOCAL_RANK_ENV = ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID")
 
 
 def world_size() -> int:
     """From the launcher's environment (no launcher: 1), before any process group exists."""
     return next((int(os.environ[k]) for k in _SIZE_ENV if k in os.environ), 1)
+
+
+def local_rank() -> int:
+    """This process's rank on its node, from whichever launcher started it (none: 0): the GPU it uses."""
+    return next((int(os.environ[k]) for k in _LOCAL_RANK_ENV if k in os.environ), 0)
 
 
 def init_distributed() -> str:
@@ -104,22 +124,86 @@ def init_distributed() -> str:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # DeepSpeed's engine reads LOCAL_RANK for its device: under mpirun / srun only the launcher's own name is set.
+    os.environ.setdefault("LOCAL_RANK", str(local_rank()))
     acc = get_accelerator()
     backend = "nccl" if acc.device_name() == "cuda" else "gloo"
     if backend == "nccl":
-        acc.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        acc.set_device(local_rank())
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return backend
+
+
+class KernelMismatch(RuntimeError):
+    pass
+
+
+def kernels_in_use(cfg: ModelConfig, device: torch.device) -> dict:
+    """The kernels this process will run: they depend on its node (a CUDA extension that failed to build, Triton
+    missing, OFA_DS_ATTENTION set), so every rank reports its own."""
+    from ofa_ds.kernels.attention import resolve_backend
+    from ofa_ds.kernels.resnet import extension_available
+
+    probe = torch.empty(0, device=device)
+    return {"attention": resolve_backend(cfg.attn_backend, probe),
+            "resnet": "cuda" if probe.is_cuda and extension_available() else "torch"}
+
+
+def agree_on_kernels(cfg: ModelConfig, device: torch.device) -> dict:
+    """Every rank's kernels, which must be the same: ranks on different code paths would train a model that no
+    single configuration describes (and sync BatchNorm would mix two implementations)."""
+    mine = {**kernels_in_use(cfg, device), "host": socket.gethostname()}
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    first = {k: v for k, v in everyone[0].items() if k != "host"}
+    odd = [(r, k) for r, k in enumerate(everyone) if {a: b for a, b in k.items() if a != "host"} != first]
+    if odd:
+        lines = [f"rank {r} on {k['host']}: attention {k['attention']}, resnet {k['resnet']}" for r, k in enumerate(everyone)]
+        raise KernelMismatch("ranks would run different kernels (a node's CUDA extension or Triton differs, or "
+                             "OFA_DS_ATTENTION is set on some nodes only); make the nodes alike or force one backend "
+                             "with model_overrides.attn_backend:\n  " + "\n  ".join(lines))
+    return first
 
 
 # ---------------------------------------------------------------------------------------------------- model
 
 
 def build_model(cfg: ModelConfig, ds: dict, seed: int) -> OFAModel:
-    """The model, partitioned across ranks while it is built under ZeRO-3 (deepspeed.zero.Init)."""
+    """The model, partitioned across ranks while it is built under ZeRO-3 (deepspeed.zero.Init), which gathers each
+    module's parameters around its forward and backward and is told of the few a module reads from a child."""
     torch.manual_seed(seed)
     with deepspeed.zero.Init(config_dict_or_path=ds, enabled=zero_stage(ds) == 3):
-        return OFAModel(cfg)
+        model = OFAModel(cfg)
+    if zero_stage(ds) == 3:
+        for module, param in model.external_parameters():
+            deepspeed.zero.register_external_parameter(module, param)
+    if cfg.bn_mode == "sync_node":
+        group = node_group()
+        for m in model.modules():
+            if isinstance(m, BatchNorm2d):
+                m.sync_group = group
+    return model
+
+
+def ranks_by_host(hosts: list[str]) -> list[list[int]]:
+    """Ranks grouped by the host they run on, in order of each host's first rank."""
+    nodes: dict[str, list[int]] = {}
+    for rank, host in enumerate(hosts):
+        nodes.setdefault(host, []).append(rank)
+    return list(nodes.values())
+
+
+def node_group():
+    """The process group of this rank's node (for sync_node BatchNorm): every rank creates every node's group, in
+    the same order, as torch requires."""
+    hosts = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, socket.gethostname())
+    mine = None
+    for ranks in ranks_by_host(hosts):
+        group = dist.new_group(ranks)
+        if dist.get_rank() in ranks:
+            mine = group
+    return mine
 
 
 ARCH = ("embed_dim", "ffn_dim", "heads", "encoder_layers", "decoder_layers", "resnet", "token_bucket_size",
@@ -139,29 +223,64 @@ def init_state_dict(path: str | Path, cfg: ModelConfig) -> dict:
     return resize_vocab(sd, cfg.vocab_size)
 
 
-def load_weights(model: torch.nn.Module, sd: dict) -> None:
-    """Copy a full state dict into a (possibly ZeRO-3 partitioned) model; rank 0's copy is scattered."""
+def load_init(model: torch.nn.Module, path: str | Path, cfg: ModelConfig) -> None:
+    """Start from `path`: rank 0 alone reads it and scatters the weights (one copy in host memory per run, not per
+    rank); a file that does not fit is the same CheckpointError on every rank."""
+    from ofa_ds.model.convert import CheckpointError
+
+    sd, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            sd = init_state_dict(path, cfg)
+        except CheckpointError as e:
+            error = str(e)
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise CheckpointError(box[0])
+    load_weights(model, sd)
+
+
+def load_weights(model: torch.nn.Module, sd: dict | None) -> None:
+    """Copy a full state dict, given on rank 0 (None elsewhere), into a model on every rank: ZeRO-3 partitions
+    take their slice of rank 0's copy, whole tensors are broadcast. Without a process group, a plain copy."""
     from ofa_ds.model.convert import check_keys
 
-    want = {k: torch.empty(getattr(p, "ds_shape", p.shape), device="meta") for k, p in model.named_parameters()}
-    buffers = dict(model.named_buffers())
-    want.update({k: v for k, v in model.state_dict(keep_vars=True).items() if k in buffers})
-    check_keys(want, sd)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    share = dist.is_initialized() and dist.get_world_size() > 1
+    if rank == 0:
+        want = {k: torch.empty(getattr(p, "ds_shape", p.shape), device="meta") for k, p in model.named_parameters()}
+        buffers = dict(model.named_buffers())
+        want.update({k: v for k, v in model.state_dict(keep_vars=True).items() if k in buffers})
+        check_keys(want, sd)
+    device = get_accelerator().current_device_name()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=hasattr(p, "ds_id")):
-                if not hasattr(p, "ds_id") or dist.get_rank() == 0:
+            partitioned = hasattr(p, "ds_id")
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=partitioned):
+                if rank == 0:
                     p.data.copy_(sd[name])
+            if share and not partitioned:
+                _broadcast_into(p.data, device)
+        persistent = model.state_dict(keep_vars=True).keys()
         for name, b in model.named_buffers():
-            if name in sd:
-                b.copy_(sd[name])
+            if name in persistent:
+                if rank == 0:
+                    b.copy_(sd[name])
+                if share:
+                    _broadcast_into(b, device)
 
 
-def initialize(model: torch.nn.Module, ds: dict, train: TrainConfig):
-    engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=ds,
-        lr_scheduler=lambda opt: schedule.scheduler(opt, steps=train.steps, warmup_ratio=train.warmup_ratio,
-                                                    power=train.lr_power, end_lr=train.end_lr))
+def _broadcast_into(t: torch.Tensor, device: str) -> None:
+    """Rank 0's values of `t` on every rank (through the accelerator: nccl moves only device memory)."""
+    on_device = t.to(device)
+    dist.broadcast(on_device, src=0)
+    t.copy_(on_device)
+
+
+def initialize(model: torch.nn.Module, ds: dict):
+    """DeepSpeed's engine over the model; no lr scheduler (the trainer sets each update's rate, schedule.py)."""
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
     return engine
 
 
@@ -243,5 +362,5 @@ def loss_scale(engine) -> float | None:
     return engine.optimizer.loss_scaler.cur_scale if engine.fp16_enabled() else None
 
 
-__all__ = ["load_ds_config", "ds_config", "zero_stage", "precision", "world_size", "init_distributed", "build_model",
-           "init_state_dict", "load_weights", "initialize", "StepStats", "train_step", "eval_sums", "loss_scale"]
+__all__ = ["load_ds_config", "ds_config", "check_accelerator", "zero_stage", "precision", "world_size", "local_rank", "init_distributed", "KernelMismatch", "kernels_in_use", "agree_on_kernels", "build_model", "ranks_by_host", "node_group",
+           "init_state_dict", "load_init", "load_weights", "initialize", "StepStats", "train_step", "eval_sums", "loss_scale"]

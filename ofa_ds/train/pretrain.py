@@ -43,7 +43,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
                    help="continue from CHECKPOINT (a run directory, its checkpoints/ or one step_* directory); "
                         "without a value, from OUT_DIR if it has a checkpoint, else start fresh")
+    p.add_argument("--change-geometry", action="store_true",
+                   help="with --resume: accept a changed " + ", ".join(GEOMETRY) + ". The lr schedule is re-drawn "
+                        "over the new train.steps from the current step; a new batch size changes the rows per update "
+                        "from the next update on (the rows already consumed stay consumed); a new data.seed reshuffles "
+                        "the rows, so rows already seen may come again and unseen ones be skipped")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by `deepspeed` without --no_local_rank
+
+
+# Run-config keys that fix the schedule and the order of the data: a resume that changes them is refused unless
+# --change-geometry accepts the change.
+GEOMETRY = ("train.steps", "train.global_batch", "train.micro_batch", "data.seed")
 
 
 def load_run_config(path: Path, overrides: list[str]) -> RunConfig:
@@ -85,7 +95,7 @@ def prepare(args) -> Plan:
     from ofa_ds.data.shards import Corpus, CorpusError
     from ofa_ds.data.tokenizer import load_tokenizer
     from ofa_ds.train import checkpoint
-    from ofa_ds.train.engine import ds_config, load_ds_config, world_size
+    from ofa_ds.train.engine import check_accelerator, ds_config, load_ds_config, world_size
 
     overrides = list(args.overrides)
     overrides += [f"out_dir={args.out_dir}"] if args.out_dir else []
@@ -94,6 +104,7 @@ def prepare(args) -> Plan:
     model = run.model_config()
     ws = world_size()
     ds = ds_config(load_ds_config(run.deepspeed), run.train, ws, run.deepspeed)
+    check_accelerator(ds, run.deepspeed)
     corpora = []
     for key in ("corpus", "val_corpus"):
         path = getattr(run, key)
@@ -112,6 +123,11 @@ def prepare(args) -> Plan:
         if args.resume or checkpoint.complete_tags(out_dir / "checkpoints"):
             resume = checkpoint.find(args.resume or out_dir)
             diffs = checkpoint.check_resumable(checkpoint.read_meta(resume), run.to_dict(), model.to_dict(), ws, resume)
+            geometry = [d for d in diffs if d.split(":")[0] in GEOMETRY]
+            if geometry and not args.change_geometry:
+                raise ConfigError(f"{resume} was written with another schedule or data order (checkpoint -> this run):"
+                                  "\n  " + "\n  ".join(geometry) + "\nresume with the checkpoint's values, or pass "
+                                  "--change-geometry to continue with the new ones (see --help)")
             if diffs and int(os.environ.get("RANK", "0")) == 0:
                 print(f"resuming {resume} with a changed run config:\n  " + "\n  ".join(diffs), file=sys.stderr)
     elif checkpoint.complete_tags(out_dir / "checkpoints"):
@@ -150,13 +166,16 @@ def run(args) -> int:
         print(f"ofa-ds pretrain: {e}", file=sys.stderr)
         return 2
     _quiet_deepspeed()
-    from ofa_ds.train.engine import init_distributed
+    from ofa_ds.train.engine import KernelMismatch, init_distributed
 
     backend = init_distributed()
     try:
         return Trainer(plan, backend).fit()
-    except (Diverged, CheckpointError) as e:
+    except (Diverged, CheckpointError, KernelMismatch) as e:
         print(f"ofa-ds pretrain: {e}", file=sys.stderr)
+        import torch.distributed as dist
+
+        dist.destroy_process_group()  # a process that exits with its group's threads running aborts
         return 1
 
 
@@ -170,6 +189,7 @@ def _quiet_deepspeed() -> None:
 class Trainer:
     def __init__(self, plan: Plan, backend: str):
         import torch.distributed as dist
+        from deepspeed.accelerator import get_accelerator
 
         from ofa_ds.data.tasks import TASKS
         from ofa_ds.train import engine as eng
@@ -184,10 +204,11 @@ class Trainer:
             save_dict(self.run_cfg.to_dict(), plan.out_dir / "config.yaml")
             save_dict(plan.ds, plan.out_dir / "ds_config.json")
 
+        self.kernels = eng.agree_on_kernels(plan.model, torch.device(get_accelerator().current_device_name()))
         model = eng.build_model(plan.model, plan.ds, self.train.seed)
         if self.run_cfg.init_from and plan.resume is None:
-            eng.load_weights(model, eng.init_state_dict(self.run_cfg.init_from, plan.model))
-        self.engine = eng.initialize(model, plan.ds, self.train)
+            eng.load_init(model, self.run_cfg.init_from, plan.model)
+        self.engine = eng.initialize(model, plan.ds)
         self.step = self.consumed = 0  # updates done, global VL rows consumed (the sampler position)
         if plan.resume is not None:
             from ofa_ds.train import checkpoint
@@ -205,6 +226,7 @@ class Trainer:
 
     def fit(self) -> int:
         from ofa_ds.data.loader import build_loader
+        from ofa_ds.train import schedule
         from ofa_ds.train.engine import train_step
         from ofa_ds.train.metrics import Metrics
 
@@ -231,7 +253,8 @@ class Trainer:
                 if self._agree_to_stop(stop.signal is not None, error):
                     self.metrics.print(f"step {self.step}: {stop.signal or 'stop'} received, saving a checkpoint")
                     break
-                lr = self.engine.get_lr()[0]  # of this update (the scheduler steps inside it)
+                lr = self.lr(self.step + 1)
+                schedule.set_lr(self.engine.optimizer, lr)
                 stats = train_step(self.engine, micro, model_cfg=plan.model, num_tasks=len(self.tasks))
                 self.step += 1
                 self.consumed += train.global_batch
@@ -258,6 +281,14 @@ class Trainer:
         self.metrics.print(f"done at step {self.step}: checkpoint {where}/latest, tensorboard --logdir "
                            f"{(plan.out_dir / 'tb').resolve()}, metrics {(plan.out_dir / 'metrics.jsonl').resolve()}")
         return 0
+
+    def lr(self, t: int) -> float:
+        """The learning rate of update t (1-based) of this run's schedule."""
+        from ofa_ds.train import schedule
+
+        t_cfg = self.train
+        return schedule.lr_at(t, peak=self.plan.ds["optimizer"]["params"]["lr"], steps=t_cfg.steps,
+                              warmup_ratio=t_cfg.warmup_ratio, power=t_cfg.lr_power, end_lr=t_cfg.end_lr)
 
     def _fetch(self, batches, n: int):
         """n micro-batches, or the error if the loader failed (e.g. its workers were signalled)."""
@@ -310,7 +341,8 @@ class Trainer:
         scalars = {"train/loss": stats.loss, "train/loss_v1": stats.stream_loss[0],
                    "train/loss_v2": stats.stream_loss[1] if stats.tokens[1] else None,
                    "train/lr": lr, "train/grad_norm": _float(self.engine.get_global_grad_norm()),
-                   "train/loss_scale": loss_scale(self.engine)}
+                   "train/loss_scale": loss_scale(self.engine),
+                   "train/skipped_updates": self.engine.skipped_steps if self.engine.fp16_enabled() else None}
         for i, name in enumerate(self.tasks):
             if stats.task_nll[1, i] > 0:
                 scalars[f"train/nll/{name}"] = float(stats.task_nll[0, i] / stats.task_nll[1, i])
@@ -378,7 +410,8 @@ class Trainer:
             ("model", f"{m.name}: {params:,} parameters (d={m.embed_dim}, {m.encoder_layers}+{m.decoder_layers} layers, "
                       f"{m.heads} heads, {m.resnet}, V={m.vocab_size}, bn {m.bn_mode})"),
             ("parallel", f"{self.world} data-parallel rank(s) on {nodes} node(s), {self.backend}, "
-                         f"device {self.engine.device}"),
+                         f"device {self.engine.device}; kernels: attention {self.kernels['attention']}, "
+                         f"resnet {self.kernels['resnet']} (the same on every rank)"),
             ("deepspeed", f"{p.run.deepspeed}: ZeRO stage {zero_stage(ds)}, {precision(ds)}"
                           + (f", offload {'+'.join(offload)}" if offload else "")
                           + f", {type(self.engine.basic_optimizer).__name__} lr {opt.get('lr')} betas {opt.get('betas')} "

@@ -6,14 +6,14 @@ Update t (1-based) of `steps` runs at
     end + (peak - end) * (1 - (t - W) / (steps - W)) ** power         after
 
 so warmup climbs from peak / W to peak and the last update runs at `end` (power 1 is fairseq's linear
-`polynomial_decay`). The peak is the optimizer's lr (DeepSpeed config); the factor is applied through a
-LambdaLR, which DeepSpeed steps once per optimizer update and saves with its checkpoints.
+`polynomial_decay`). The peak is the optimizer's lr (DeepSpeed config).
+
+The trainer sets update t's rate before running it (`set_lr`), from its own update count: no scheduler state
+lives in DeepSpeed, whose engine steps a scheduler only after an applied update. An fp16 update that the loss
+scaler skips therefore still counts as update t, and the next one runs at t + 1's rate, as the trainer's step,
+the data position and the checkpoints do; a resume needs nothing but the step.
 """
 from __future__ import annotations
-
-import functools
-
-from torch.optim.lr_scheduler import LambdaLR
 
 
 def warmup_steps(steps: int, warmup_ratio: float) -> int:
@@ -30,15 +30,10 @@ def lr_at(t: int, *, peak: float, steps: int, warmup_ratio: float, power: float,
     return end_lr + (peak - end_lr) * (1 - (t - w) / (steps - w)) ** power
 
 
-def _factor(done: int, *, peak: float, **kw) -> float:
-    # LambdaLR passes the number of updates done so far; the next update is done + 1.
-    return lr_at(done + 1, peak=peak, **kw) / peak
+def set_lr(optimizer, lr: float) -> None:
+    """Every parameter group of `optimizer` (DeepSpeed's wrapper or a torch optimizer) runs at `lr`."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
-def scheduler(optimizer, *, steps: int, warmup_ratio: float, power: float, end_lr: float) -> LambdaLR:
-    peak = optimizer.param_groups[0]["lr"]
-    return LambdaLR(optimizer, functools.partial(_factor, peak=peak, steps=steps, warmup_ratio=warmup_ratio,
-                                                 power=power, end_lr=end_lr))
-
-
-__all__ = ["warmup_steps", "lr_at", "scheduler"]
+__all__ = ["warmup_steps", "lr_at", "set_lr"]

@@ -39,7 +39,8 @@ def fused_attention(q, k, v, *, scale: float, causal: bool = False, key_padding_
 
 
 def resolve_backend(backend: str | None, q: torch.Tensor) -> str:
-    backend = backend or os.environ.get("OFA_DS_ATTENTION") or "auto"
+    if backend in (None, "auto"):  # an explicit backend beats the environment, which beats auto
+        backend = os.environ.get("OFA_DS_ATTENTION") or "auto"
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r}; valid: {', '.join(BACKENDS)}")
     if backend == "auto":

@@ -63,6 +63,10 @@ def torch_batch_norm_act(x, weight, bias, running_mean, running_var, *, training
     if training and sync_group is not None:
         y = _sync_batch_norm(x, weight, bias, running_mean, running_var, momentum, eps, sync_group)
     else:
+        if running_mean is not None and weight is not None and weight.dtype != running_mean.dtype:
+            # bf16/fp16 weights beside fp32 running statistics: torch's mixed-precision batch norm wants the affine in
+            # the statistics' dtype (the gradient flows back through the cast)
+            weight, bias = weight.to(running_mean.dtype), bias.to(running_mean.dtype)
         y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     if residual is not None:
         y = y + residual
