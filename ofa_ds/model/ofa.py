@@ -79,7 +79,8 @@ class Encoder(nn.Module):
         if L > cfg.max_positions:
             raise ValueError(f"source text of {L} tokens; the limit is max_positions={cfg.max_positions}")
         text_pos_ids = torch.arange(L, device=src_tokens.device).expand(B, L)
-        x = self.dropout(self.layernorm_embedding(embed_tokens(src_tokens) + self.type_embedding(src_tokens.new_zeros(()))))
+        text_type = self.type_embedding(src_tokens.new_zeros(()))  # (D,)
+        x = self.dropout(self.layernorm_embedding(embed_tokens(src_tokens) + text_type))
         pad = src_tokens.eq(cfg.pad_id)
         pos = self.pos_ln(self.embed_positions(text_pos_ids[0])).expand(B, L, -1)
         kind = torch.full((B, L), KIND_TEXT, dtype=torch.int8, device=src_tokens.device)

@@ -152,17 +152,16 @@ def kernels_in_use(cfg: ModelConfig, device: torch.device) -> dict:
 def agree_on_kernels(cfg: ModelConfig, device: torch.device) -> dict:
     """Every rank's kernels, which must be the same: ranks on different code paths would train a model that no
     single configuration describes (and sync BatchNorm would mix two implementations)."""
-    mine = {**kernels_in_use(cfg, device), "host": socket.gethostname()}
+    mine = kernels_in_use(cfg, device)
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    first = {k: v for k, v in everyone[0].items() if k != "host"}
-    odd = [(r, k) for r, k in enumerate(everyone) if {a: b for a, b in k.items() if a != "host"} != first]
-    if odd:
-        lines = [f"rank {r} on {k['host']}: attention {k['attention']}, resnet {k['resnet']}" for r, k in enumerate(everyone)]
+    dist.all_gather_object(everyone, (mine, socket.gethostname()))
+    if any(kernels != everyone[0][0] for kernels, _ in everyone):
+        lines = [f"rank {r} on {host}: attention {k['attention']}, resnet {k['resnet']}"
+                 for r, (k, host) in enumerate(everyone)]
         raise KernelMismatch("ranks would run different kernels (a node's CUDA extension or Triton differs, or "
                              "OFA_DS_ATTENTION is set on some nodes only); make the nodes alike or force one backend "
                              "with model_overrides.attn_backend:\n  " + "\n  ".join(lines))
-    return first
+    return mine
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -248,11 +247,11 @@ def load_weights(model: torch.nn.Module, sd: dict | None) -> None:
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     share = dist.is_initialized() and dist.get_world_size() > 1
+    saved = model.state_dict(keep_vars=True)
+    buffers = {k: b for k, b in model.named_buffers() if k in saved}  # the persistent ones
     if rank == 0:
         want = {k: torch.empty(getattr(p, "ds_shape", p.shape), device="meta") for k, p in model.named_parameters()}
-        buffers = dict(model.named_buffers())
-        want.update({k: v for k, v in model.state_dict(keep_vars=True).items() if k in buffers})
-        check_keys(want, sd)
+        check_keys({**want, **buffers}, sd)
     device = get_accelerator().current_device_name()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -262,13 +261,11 @@ def load_weights(model: torch.nn.Module, sd: dict | None) -> None:
                     p.data.copy_(sd[name])
             if share and not partitioned:
                 _broadcast_into(p.data, device)
-        persistent = model.state_dict(keep_vars=True).keys()
-        for name, b in model.named_buffers():
-            if name in persistent:
-                if rank == 0:
-                    b.copy_(sd[name])
-                if share:
-                    _broadcast_into(b, device)
+        for name, b in buffers.items():
+            if rank == 0:
+                b.copy_(sd[name])
+            if share:
+                _broadcast_into(b, device)
 
 
 def _broadcast_into(t: torch.Tensor, device: str) -> None:
@@ -362,5 +359,7 @@ def loss_scale(engine) -> float | None:
     return engine.optimizer.loss_scaler.cur_scale if engine.fp16_enabled() else None
 
 
-__all__ = ["load_ds_config", "ds_config", "check_accelerator", "zero_stage", "precision", "world_size", "local_rank", "init_distributed", "KernelMismatch", "kernels_in_use", "agree_on_kernels", "build_model", "ranks_by_host", "node_group",
-           "init_state_dict", "load_init", "load_weights", "initialize", "StepStats", "train_step", "eval_sums", "loss_scale"]
+__all__ = ["load_ds_config", "ds_config", "check_accelerator", "zero_stage", "precision", "world_size", "local_rank",
+           "init_distributed", "KernelMismatch", "kernels_in_use", "agree_on_kernels", "build_model", "ranks_by_host",
+           "node_group", "init_state_dict", "load_init", "load_weights", "initialize", "StepStats", "train_step",
+           "eval_sums", "loss_scale"]
