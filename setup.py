@@ -61,7 +61,7 @@ setup(
         "simplejpeg",
         "pyyaml",
     ],
-    extras_require={"test": ["pytest", "pytest-timeout"]},
+    extras_require={"test": ["pytest", "pytest-timeout"], "bench": ["scikit-image"]},
     entry_points={"console_scripts": ["ofa-ds=ofa_ds.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

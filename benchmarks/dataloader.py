@@ -1,7 +1,7 @@
 """Batch building: ofa_ds from Arrow shards vs OFA's way of reading the TSVs (OFA_SPEC 5.2).
 
     python benchmarks/dataloader.py --work /tmp/ofa_ds_bench --out benchmarks/results/dataloader.json \
-        [--photos a.jpg b.jpg ...]
+        --photos $(python benchmarks/photos.py /tmp/photos) [--instructions]
 
 Throughput (samples/s = VL rows/s; each row gives 2 v1 examples, every 8th row 4 v2 examples more), OFA's
 settings: 384 px v1, 256 px v2, 196 sampled patches, micro-batch 8 rows, on the synthetic sample corpus (and,
@@ -433,9 +433,11 @@ def main() -> None:
         print(json.dumps(child(*json.loads(args.child))))
         return
 
+    from ofa_ds.train.env import report
+
     work = Path(args.work)
     result = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "cpus": len(os.sched_getaffinity(0)),
-              "micro_batch_rows": MICRO_BATCH, "throughput": {}, "startup": {}}
+              "env": report(), "micro_batch_rows": MICRO_BATCH, "throughput": {}, "startup": {}}
     make_corpus(work / "tp_tsv", work / "tp_arrow", **THROUGHPUT)
     result["throughput"]["synthetic"] = throughput(work / "tp_tsv", work / "tp_arrow", args.batches, args.repeats)
     print(json.dumps({k: v for k, v in result["throughput"]["synthetic"].items() if k != "runs"}), flush=True)

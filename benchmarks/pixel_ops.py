@@ -1,6 +1,6 @@
 """Per-call time of the loader's pixel steps against what they replace (one core, medians of repeats).
 
-    python benchmarks/pixel_ops.py [--photo f3.jpg] [--out benchmarks/results/pixel_ops.json]
+    python benchmarks/pixel_ops.py --photo "$(python benchmarks/photos.py /tmp/photos | cut -d' ' -f1)"
 
 - resize: the 384 px caption window of a 720x477 image, `_pixel_ops.resize` vs Pillow's `Image.resize(box=...)`;
   resize_up: a 300x300 image (the generated corpus's sizes) to 384x384.
@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ofa_ds.data import transforms, tsv_rows  # noqa: E402
+from ofa_ds.train.env import report  # noqa: E402
 
 
 def ms(fn, repeats: int = 7, calls: int = 20) -> float:
@@ -88,6 +89,9 @@ def main() -> None:
         "planar_c_ms": ms(lambda: transforms.planar_into(chw384, transforms.to_chw(hwc384))),
         "planar_numpy_ms": ms(lambda: np.copyto(chw384, hwc384.transpose(2, 0, 1))),
         "extensions": {"pixel_ops": transforms._pixel_ops is not None, "jpegtran": tsv_rows._jpegtran is not None},
+        "photo": args.photo,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "env": report(),  # versions, CPU, extensions
     }
     print(json.dumps(res, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

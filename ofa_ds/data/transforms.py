@@ -6,8 +6,8 @@ Outputs are uint8 (3, R, R) RGB arrays; ToTensor + Normalize(0.5, 0.5) happen wh
 does. What makes the chain cheaper than OFA's without moving any pixel: JPEGs are decoded by libjpeg-turbo's
 TurboJPEG API (simplejpeg; Pillow's pixels, faster); resize and crop are one bicubic resize of the kept window
 (Pillow's `Image.resize(box=...)`), run by the vectorised C extension `_pixel_ops` (csrc/resample; Pillow's pixels,
-about 6x faster) when it is built; RandAugment's shear and rotate run in `_pixel_ops` too (csrc/resample;
-Pillow's bilinear `Image.transform` pixels, about 2.5x faster) and so does its sharpness (Pillow's SMOOTH
+6-12x faster, benchmarks/results/pixel_ops.json) when it is built; RandAugment's shear and rotate run in `_pixel_ops` too (csrc/resample;
+Pillow's bilinear `Image.transform` pixels, 3.4x faster) and so does its sharpness (Pillow's SMOOTH
 filter and blend, bit for bit) when they are built, and its ops take a Pillow image or
 an (H, W, 3) array, so an image becomes a Pillow one only for the ops written with Pillow; and JPEGs are decoded
 with DCT scaling by 1/2..1/8 (Pillow's `draft`) when the decoded image stays at least as large as the resize

@@ -36,6 +36,7 @@ def report() -> dict:
     devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     accelerator = {
         "deepspeed_accelerator": acc.device_name(), "devices": devices or [f"cpu ({os.cpu_count()} cores)"],
+        "cpu": cpu_model(),
         "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
         "bf16": acc.is_bf16_supported(), "fp16": bool(acc.is_fp16_supported()),
     }
@@ -44,6 +45,19 @@ def report() -> dict:
     return {"versions": versions, "accelerator": accelerator, "backend": backend,
             "extensions": extensions(), "environment": {k: v for k, v in sorted(os.environ.items())
                                                         if k.startswith(ENV_PREFIXES)}}
+
+
+def cpu_model() -> str:
+    """The host CPU's model name and vector extensions (what the C and oneDNN paths run on)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    name = fields.get("model name\t", platform.machine()).strip()
+    flags = fields.get("flags\t\t", "").split()
+    vector = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name} ({', '.join(vector) or 'no AVX2'})"
 
 
 def extensions() -> dict:
