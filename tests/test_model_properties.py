@@ -115,6 +115,17 @@ def test_frozen_batchnorm_has_no_trainable_affine():
     assert "encoder.embed_images.bn1.weight" in m.state_dict()  # same keys as the trainable modes
 
 
+@pytest.mark.parametrize("resnet, count", [("resnet101", 94), ("resnet152", 145)])
+def test_batchnorm_count(resnet, count):
+    """The README's cost of sync BatchNorm: one all-reduce per BatchNorm in the forward and one in the backward."""
+    from ofa_ds.config import RESNET_LAYERS
+    from ofa_ds.model.resnet import BatchNorm2d, ResNet
+
+    with torch.device("meta"):
+        backbone = ResNet(RESNET_LAYERS[resnet])
+    assert sum(isinstance(m, BatchNorm2d) for m in backbone.modules()) == count
+
+
 def test_image_larger_than_position_grid_is_an_error():
     m = OFAModel(small(image_bucket_size=16, code_image_size=64)).eval()
     with pytest.raises(ValueError, match="at most 16x16"):
