@@ -1,4 +1,4 @@
-"""ofa-ds: OFA-style multimodal seq2seq pretraining on DeepSpeed (ZeRO data parallelism).
+"""ofa-ds: OFA-style multimodal seq2seq pretraining on DeepSpeed (ZeRO data, Megatron tensor and pipeline parallelism).
 
 Two small C extensions for the data side are built with the package when they compile: csrc/resample
 (module _pixel_ops: Pillow's bicubic resize, bilinear affine transform and sharpness filter, and the HWC -> CHW
@@ -42,13 +42,14 @@ ext_modules.append(Extension("ofa_ds.data._jpegtran", ["csrc/jpegtran/baseline.c
 setup(
     name="ofa-ds",
     version="0.1.0",
-    description="OFA unified multimodal seq2seq pretraining with DeepSpeed ZeRO",
+    description="OFA unified multimodal seq2seq pretraining with DeepSpeed: ZeRO, Megatron TP, pipeline stages",
     packages=find_packages(include=["ofa_ds", "ofa_ds.*", "data_tools"]),
     package_data={"ofa_ds": ["assets/ofa_bpe/*", "assets/sample_images/*"]},
     python_requires=">=3.10",
     install_requires=[
         "torch==2.13.0",
         "deepspeed==0.19.8",
+        "megatron-core==0.16.1",
         "triton==3.9.0",
         "numpy",
         "pyarrow",

@@ -282,6 +282,9 @@ class TrainConfig:
     save_every: int = 500  # updates between checkpoints (one is also written at the end and on SIGTERM/SIGINT)
     keep_last: int = 3  # checkpoints kept; older ones are deleted once a newer one is complete
     peak_tflops: float | None = None  # per device, for MFU; None: A100/H100 table, or a measured GEMM rate on CPU
+    # recompute layer activations in the backward: none, layers (every encoder and decoder layer) or every_K (layers
+    # 0, K, 2K, ... of each stack)
+    activation_checkpointing: str = "none"
 
     def __post_init__(self):
         self.validate()
@@ -297,6 +300,9 @@ class TrainConfig:
             raise ConfigError(f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1]")
         if self.lr_power <= 0 or self.end_lr < 0:
             raise ConfigError(f"train.lr_power={self.lr_power} must be > 0 and train.end_lr={self.end_lr} >= 0")
+        ac = self.activation_checkpointing
+        if ac not in ("none", "layers") and not (ac.startswith("every_") and ac[6:].isdigit() and int(ac[6:]) > 0):
+            raise ConfigError(f"train.activation_checkpointing={ac!r}; valid: none, layers, every_K (K >= 1)")
         if self.peak_tflops is not None and self.peak_tflops <= 0:
             raise ConfigError(f"train.peak_tflops={self.peak_tflops} must be positive")
 
@@ -310,6 +316,63 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How the model is split over ranks: Megatron tensor parallelism (TP) x DeepSpeed pipeline stages (PP); the rest
+    of the world is ZeRO data parallelism, dp = world size / (tensor x pipeline). TP ranks are consecutive (a node's
+    GPUs), then DP, then PP (Megatron's order)."""
+
+    tensor: int = 1  # ranks that split each layer's heads, FFN width and vocabulary
+    pipeline: int = 1  # pipeline stages (deepspeed.pipe, ZeRO-0/1)
+    sequence_parallel: bool = False  # Megatron sequence parallelism (needs tensor > 1)
+    pipeline_partition: str = "parameters"  # parameters | uniform | type:<regex> (DeepSpeed's partition_method)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        _check_types(self)
+        for k in ("tensor", "pipeline"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"parallel.{k}={getattr(self, k)} must be >= 1")
+        if self.sequence_parallel and self.tensor == 1:
+            raise ConfigError("parallel.sequence_parallel needs parallel.tensor > 1 (it splits the sequence over the "
+                              "tensor-parallel ranks)")
+        part = self.pipeline_partition
+        if part not in ("parameters", "uniform") and not part.startswith("type:"):
+            raise ConfigError(f"parallel.pipeline_partition={part!r}; valid: parameters, uniform, type:<regex>")
+
+    def model_parallel(self) -> int:
+        return self.tensor * self.pipeline
+
+    def check(self, model: ModelConfig, world: int, zero_stage: int) -> None:
+        """The layout against the model, the world size and the ZeRO stage, before any process group starts."""
+        t, p = self.tensor, self.pipeline
+        for k in ("heads", "ffn_dim"):
+            if getattr(model, k) % t:
+                raise ConfigError(f"parallel.tensor={t} does not divide model {k}={getattr(model, k)}")
+        layers = model.encoder_layers + model.decoder_layers
+        if p > layers:
+            raise ConfigError(f"parallel.pipeline={p} stages for {model.encoder_layers}+{model.decoder_layers} "
+                              f"transformer layers: at most {layers}")
+        if p > 1 and zero_stage > 1:
+            raise ConfigError(f"parallel.pipeline={p} with ZeRO stage {zero_stage}: DeepSpeed's pipeline engine takes "
+                              f"ZeRO stage 0 or 1 (set zero_optimization.stage to 1)")
+        if self.sequence_parallel:
+            raise ConfigError("parallel.sequence_parallel: not supported yet (the model is batch-first; set it false)")
+        self.data_parallel(world)
+
+    def describe(self, world: int) -> str:
+        return f"TP {self.tensor} x PP {self.pipeline} x DP {self.data_parallel(world)}"
+
+    def data_parallel(self, world: int) -> int:
+        """Data-parallel ranks of a world of `world` ranks; an error naming the keys if it does not divide."""
+        if world % self.model_parallel():
+            raise ConfigError(f"world size {world} is not a multiple of parallel.tensor={self.tensor} x "
+                              f"parallel.pipeline={self.pipeline} = {self.model_parallel()}")
+        return world // self.model_parallel()
+
+
+@dataclass
 class RunConfig:
     """One `ofa-ds pretrain` run. Relative paths are relative to the working directory."""
 
@@ -320,6 +383,7 @@ class RunConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)  # incl. the tokenizer
     deepspeed: str = "configs/ds/cpu_demo.json"
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     out_dir: str = "runs/ofa"  # checkpoints/, tb/, metrics.jsonl, config.yaml
     init_from: str | None = None  # OFA checkpoint (.pt) or ofa_ds export (.safetensors) to start from
 
@@ -340,4 +404,4 @@ class RunConfig:
         return _from_dict(cls, d, "config")
 
 
-__all__ += ["TrainConfig", "RunConfig"]
+__all__ += ["TrainConfig", "ParallelConfig", "RunConfig"]

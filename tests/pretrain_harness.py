@@ -18,6 +18,8 @@ As a script it is one rank of `ofa-ds pretrain`, optionally with a fault injecte
     --cpu-fp16       DeepSpeed's CPU accelerator reports fp16 (torch runs fp16 on any x86-64 CPU, slowly; the
                      accelerator answers from the CPU's oneDNN features)
     --fake-host      rank R reports host node-R (a node per rank)
+    --param-bytes DIR  each rank writes DIR/rank{R}.json: the bytes of the parameters it holds once the engine is
+                     built (its tensor-parallel share, and what ZeRO leaves resident), by part of the model
 """
 from __future__ import annotations
 
@@ -172,6 +174,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--record-lr")
     ap.add_argument("--cpu-fp16", action="store_true")
     ap.add_argument("--fake-host", action="store_true")
+    ap.add_argument("--param-bytes")
     ap.add_argument("rest", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
@@ -192,6 +195,8 @@ def main(argv: list[str]) -> int:
         CPU_Accelerator.is_fp16_supported = lambda self: True
     if args.fake_host:
         socket.gethostname = lambda: f"node-{os.environ['RANK']}"
+    if args.param_bytes:
+        _param_bytes(Path(args.param_bytes))
     from ofa_ds.cli import main as cli
 
     return cli(["pretrain", *rest])
@@ -320,6 +325,30 @@ def _record_lr(path: str) -> None:
         return eng
 
     engine.initialize = recording
+
+
+def _param_bytes(d: Path) -> None:
+    from ofa_ds.train import engine
+
+    initialize = engine.initialize
+
+    def measured(model, *a, **kw):
+        eng = initialize(model, *a, **kw)
+        out = {}
+        for name, p in model.named_parameters():
+            # names of the plain model or of a pipeline module's stage ("3.layer.fc1.weight", "tied_modules.embed...")
+            part = ("layers" if ".layers." in name or ".layer." in name else
+                    "embedding" if name.startswith(("embed_tokens", "tied_modules.embed")) else
+                    "resnet" if "embed_images." in name else "other")
+            share = getattr(p, "ds_numel", p.numel()) * p.element_size()
+            resident = (p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()) * p.element_size()
+            for key, n in ((part, share), (f"{part}_resident", resident)):
+                out[key] = out.get(key, 0) + n
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"rank{os.environ['RANK']}.json").write_text(json.dumps(out))
+        return eng
+
+    engine.initialize = measured
 
 
 def _fixed_batch() -> None:

@@ -11,8 +11,9 @@ import yaml
 
 from ofa_ds.config import ConfigError, TrainConfig
 from ofa_ds.model.convert import CheckpointError, save_safetensors
+from ofa_ds.parallel.groups import ranks_by_host
 from ofa_ds.train.engine import (check_accelerator, ds_config, init_state_dict, load_ds_config, load_weights,
-                                  local_rank, ranks_by_host)
+                                  local_rank)
 from ofa_ds.train.pretrain import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,11 +135,61 @@ def test_ranks_by_host_groups_each_nodes_ranks():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "pretrain").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_run_configs_parse(path):
+    """Every run config parses and passes the layout and DeepSpeed checks; one named for N GPUs (`..._a100xN.yaml`)
+    at N ranks."""
+    import re
+
     from ofa_ds.config import RunConfig
+    from ofa_ds.train.engine import zero_stage
 
     run = RunConfig.from_dict(yaml.safe_load(path.read_text()))
-    assert (ROOT / run.deepspeed).is_file()
-    run.train.accumulation(1)
+    sized = re.search(r"x(\d+)\.yaml$", path.name)
+    world = int(sized.group(1)) if sized else run.parallel.model_parallel()
+    ds = load_ds_config(ROOT / run.deepspeed)
+    run.parallel.check(run.model_config(), world, zero_stage(ds))
+    ds_config(ds, run.train, run.parallel.data_parallel(world), str(path), run.parallel.pipeline)
+
+
+def test_the_shipped_layouts_cover_huge_3b_and_7b_on_8_and_32_gpus():
+    names = {p.name for p in (ROOT / "configs" / "pretrain").glob("*_a100x*.yaml")}
+    assert names == {f"ofa_{m}_a100x{n}.yaml" for m in ("huge", "3b", "7b") for n in (8, 32)}
+
+
+def test_invalid_layouts_are_named_before_any_process_starts(data, tmp_path, monkeypatch):
+    cfg = H.write_run(tmp_path, data)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    prepare(args(cfg, "parallel.tensor=2"))  # TP 2 x DP 2, the tiny model's 2 heads split in 2
+    expect(ConfigError, r"parallel\.tensor=4 does not divide model heads=2", cfg, "parallel.tensor=4")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    expect(ConfigError, r"world size 3 is not a multiple of parallel\.tensor=2 x parallel\.pipeline=1", cfg,
+           "parallel.tensor=2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    expect(ConfigError, r"parallel\.pipeline=2 with ZeRO stage 3", cfg, "parallel.pipeline=2")  # the run's JSON: ZeRO-3
+    expect(ConfigError, r"parallel\.pipeline=4 stages for 1\+1 transformer layers", cfg, "parallel.pipeline=4")
+    expect(ConfigError, r"sequence_parallel needs parallel\.tensor > 1", cfg, "parallel.sequence_parallel=true")
+    expect(ConfigError, r"train\.global_batch=6 is not divisible by train\.micro_batch=2 x 2 data-parallel", cfg,
+           "parallel.tensor=2", "train.global_batch=6")
+    expect(ConfigError, r"parallel\.pipeline_partition='layers'; valid", cfg, "parallel.pipeline_partition=layers")
+
+
+def test_partitioned_pipe_transfers_are_refused_and_turned_off_for_pipelines():
+    ds = {"optimizer": {"type": "AdamW"}, "gradient_clipping": 1.0, "zero_optimization": {"stage": 1}}
+    with pytest.raises(ConfigError, match="pipe_partitioned"):
+        ds_config({**ds, "pipeline": {"pipe_partitioned": True}}, TrainConfig(), 1, "x.json", 2)
+    assert ds_config(ds, TrainConfig(), 1, "x.json", 2)["pipeline"] == {"pipe_partitioned": False,
+                                                                       "grad_partitioned": False}
+
+
+def test_cpu_ranks_share_the_cores_without_omp_num_threads(monkeypatch):
+    from ofa_ds.train import engine
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(engine.os, "cpu_count", lambda: 16)
+    monkeypatch.setenv("LOCAL_SIZE", "4")
+    try:
+        assert engine.cpu_threads_per_rank() == 4 and torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_init_from_an_ofa_checkpoint_and_an_export(tmp_path):

@@ -73,19 +73,19 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: ModelConfig, cross: bool = False):
         super().__init__()
-        d, self.heads = cfg.embed_dim, cfg.heads
+        d, self.head_dim = cfg.embed_dim, cfg.head_dim
         self.scale = (cfg.head_dim * cfg.attn_scale_factor) ** -0.5
         self.backend = cfg.attn_backend
         if cross:
             self.q_proj, self.kv_proj = Linear(d, d), Linear(d, 2 * d)
         else:
             self.qkv_proj = Linear(d, 3 * d)
-        self.c_attn = nn.Parameter(torch.ones(self.heads))
+        self.c_attn = nn.Parameter(torch.ones(cfg.heads))
         self.out_proj = Linear(d, d)
 
-    def _heads(self, x):  # (B, T, D) -> (B, H, T, Dh)
+    def _heads(self, x):  # (B, T, H*Dh) -> (B, H, T, Dh); H is this rank's share of the heads under TP
         B, T, _ = x.shape
-        return x.view(B, T, self.heads, -1).transpose(1, 2)
+        return x.view(B, T, -1, self.head_dim).transpose(1, 2)
 
     def forward(self, x, pos_q, pos_k, *, memory=None, causal=False, key_padding_mask=None, rel_pos=None):
         if memory is None:

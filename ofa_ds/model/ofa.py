@@ -74,13 +74,22 @@ class Encoder(nn.Module):
 
     def forward(self, embed_tokens: nn.Embedding, text_lut, src_tokens, patch_images=None, patch_masks=None,
                 patch_idx=None) -> EncoderOut:
+        s = self.embed(embed_tokens(src_tokens), src_tokens, patch_images, patch_masks, patch_idx)
+        rel = RelPos(s.kind, s.pos_ids, s.kind, s.pos_ids, None, None, text_lut, self.cfg.image_bucket_size)
+        x, pad = s.x, (s.pad if bool(s.pad.any()) else None)
+        for layer in self.layers:
+            x = layer(x, s.pos_q, s.pos_k, pad, rel)
+        return EncoderOut(self.layer_norm(x), s.pad, s.pos)
+
+    def embed(self, tokens, src_tokens, patch_images=None, patch_masks=None, patch_idx=None) -> "EncoderIn":
+        """The layers' inputs: everything before the first layer. tokens (B, L, D): src_tokens' embeddings."""
         cfg = self.cfg
         B, L = src_tokens.shape
         if L > cfg.max_positions:
             raise ValueError(f"source text of {L} tokens; the limit is max_positions={cfg.max_positions}")
         text_pos_ids = torch.arange(L, device=src_tokens.device).expand(B, L)
         text_type = self.type_embedding(src_tokens.new_zeros(()))  # (D,)
-        x = self.dropout(self.layernorm_embedding(embed_tokens(src_tokens) + text_type))
+        x = self.dropout(self.layernorm_embedding(tokens + text_type))
         pad = src_tokens.eq(cfg.pad_id)
         pos = self.pos_ln(self.embed_positions(text_pos_ids[0])).expand(B, L, -1)
         kind = torch.full((B, L), KIND_TEXT, dtype=torch.int8, device=src_tokens.device)
@@ -92,15 +101,20 @@ class Encoder(nn.Module):
             pos = torch.cat([self.image_pos_ln(self.embed_image_positions(ids)), pos], dim=1)
             kind = torch.cat([torch.full_like(ids, KIND_IMAGE, dtype=torch.int8), kind], dim=1)
             pos_ids = torch.cat([ids, text_pos_ids], dim=1)
-        has_pads = bool(pad.any())
-        if has_pads:
+        if bool(pad.any()):
             x = x * (~pad)[..., None].to(x.dtype)
-        pos_q, pos_k = heads(self.pos_q_linear(pos), cfg.heads), heads(self.pos_k_linear(pos), cfg.heads)
-        pos_ids = pos_ids.to(torch.int32)
-        rel = RelPos(kind, pos_ids, kind, pos_ids, None, None, text_lut, cfg.image_bucket_size)
-        for layer in self.layers:
-            x = layer(x, pos_q, pos_k, pad if has_pads else None, rel)
-        return EncoderOut(self.layer_norm(x), pad, pos)
+        pos_q, pos_k = heads(self.pos_q_linear(pos), cfg.head_dim), heads(self.pos_k_linear(pos), cfg.head_dim)
+        return EncoderIn(x, pad, pos, pos_q, pos_k, kind, pos_ids.to(torch.int32))
+
+
+class EncoderIn(NamedTuple):
+    x: torch.Tensor  # (B, S, D)
+    pad: torch.Tensor  # (B, S) bool
+    pos: torch.Tensor  # (B, S, D) LayerNorm'd position embeddings
+    pos_q: torch.Tensor  # (B, H, S, Dh) the absolute-position attention term, shared by the layers
+    pos_k: torch.Tensor
+    kind: torch.Tensor  # (B, S) int8 text / image, for the relative buckets
+    pos_ids: torch.Tensor  # (B, S) int32
 
 
 class Decoder(nn.Module):
@@ -123,6 +137,15 @@ class Decoder(nn.Module):
     def forward(self, embed_tokens: nn.Embedding, text_lut, prev_output_tokens, enc: EncoderOut, code_masks=None):
         """Final hidden states (B, T, D). Text targets use 1D positions; image-code targets (code_masks)
         use the code grid's 2D positions, their own LayerNorms and the 2D relative table."""
+        s = self.embed(embed_tokens(prev_output_tokens), prev_output_tokens, enc.pos, code_masks)
+        rel = RelPos(s.kind, s.pos_ids, s.kind, s.pos_ids, None, None, text_lut, self.cfg.image_bucket_size)
+        x, pad = s.x, (s.pad if bool(s.pad.any()) else None)
+        for layer in self.layers:
+            x = layer(x, enc.x, (s.self_q, s.self_k), (s.cross_q, s.cross_k), pad, enc.padding_mask, rel)
+        return self.layer_norm(x)
+
+    def embed(self, tokens, prev_output_tokens, enc_pos, code_masks=None) -> "DecoderIn":
+        """The layers' inputs: tokens (B, T, D) are prev_output_tokens' embeddings, enc_pos the encoder's."""
         cfg = self.cfg
         B, T = prev_output_tokens.shape
         if T > cfg.max_positions:
@@ -133,24 +156,29 @@ class Decoder(nn.Module):
         img_ids = self.image_position_idx[:T]
         pos = torch.where(c, self.image_pos_ln(self.embed_image_positions(img_ids)),
                           self.pos_ln(self.embed_positions(torch.arange(T, device=dev))))  # (B, T, D)
-        self_pos = heads(self.self_pos_q_linear(pos), cfg.heads), heads(self.self_pos_k_linear(pos), cfg.heads)
-        cross_pos = heads(self.cross_pos_q_linear(pos), cfg.heads), heads(self.cross_pos_k_linear(enc.pos), cfg.heads)
-
-        x = embed_tokens(prev_output_tokens)
-        x = self.dropout(torch.where(c, self.code_layernorm_embedding(x), self.layernorm_embedding(x)))
-        pad = prev_output_tokens.eq(cfg.pad_id)
+        x = self.dropout(torch.where(c, self.code_layernorm_embedding(tokens), self.layernorm_embedding(tokens)))
         kind = torch.where(code, KIND_IMAGE, KIND_TEXT).to(torch.int8)[:, None].expand(B, T)
         pos_ids = torch.where(code[:, None], img_ids, torch.arange(T, device=dev)).to(torch.int32)
-        rel = RelPos(kind, pos_ids, kind, pos_ids, None, None, text_lut, cfg.image_bucket_size)
-        self_pad = pad if bool(pad.any()) else None
-        for layer in self.layers:
-            x = layer(x, enc.x, self_pos, cross_pos, self_pad, enc.padding_mask, rel)
-        return self.layer_norm(x)
+        dh = cfg.head_dim
+        return DecoderIn(x, prev_output_tokens.eq(cfg.pad_id), heads(self.self_pos_q_linear(pos), dh),
+                         heads(self.self_pos_k_linear(pos), dh), heads(self.cross_pos_q_linear(pos), dh),
+                         heads(self.cross_pos_k_linear(enc_pos), dh), kind, pos_ids)
 
 
-def heads(x, h: int):  # (B, T, D) -> (B, H, T, Dh)
+class DecoderIn(NamedTuple):
+    x: torch.Tensor  # (B, T, D)
+    pad: torch.Tensor  # (B, T) bool
+    self_q: torch.Tensor  # (B, H, T, Dh) absolute-position terms of self- and cross-attention
+    self_k: torch.Tensor
+    cross_q: torch.Tensor
+    cross_k: torch.Tensor  # (B, H, S, Dh)
+    kind: torch.Tensor  # (B, T) int8
+    pos_ids: torch.Tensor  # (B, T) int32
+
+
+def heads(x, head_dim: int):  # (B, T, H*Dh) -> (B, H, T, Dh); H: this rank's heads under TP
     B, T, _ = x.shape
-    return x.view(B, T, h, -1).transpose(1, 2)
+    return x.view(B, T, -1, head_dim).transpose(1, 2)
 
 
 class OFAModel(nn.Module):

@@ -19,9 +19,9 @@ class BatchNorm2d(nn.Module):
     """BatchNorm2d (momentum 0.1) in one of four modes, with an optional fused residual add + ReLU.
 
     batch:  per-rank batch statistics, as OFA pretrains (eps 1e-5);
-    sync:   statistics combined over all ranks before normalising; eps 1e-3 as
-            OFA's --sync-bn (SyncBatchNorm(eps=1e-3));
-    sync_node: as sync, over the ranks of one node (`sync_group`, set by the training engine);
+    sync:   statistics combined over all data-parallel ranks before normalising (`sync_group`, set by the
+            training engine under tensor parallelism; else the world); eps 1e-3 as OFA's --sync-bn;
+    sync_node: as sync, over the data-parallel ranks of one node (`sync_group`, set by the training engine);
     frozen: running statistics and a fixed affine (weight and bias are buffers), in training too.
     """
 
@@ -50,7 +50,7 @@ class BatchNorm2d(nn.Module):
             self.num_batches_tracked.add_(1)
         group = None
         if training and self.mode in SYNC_MODES and dist.is_available() and dist.is_initialized():
-            group = dist.group.WORLD if self.mode == "sync" else self.sync_group
+            group = self.sync_group or (dist.group.WORLD if self.mode == "sync" else None)
             if group is None:
                 raise RuntimeError("bn_mode sync_node: no node group set (the training engine sets sync_group)")
         return batch_norm_act(x, self.weight, self.bias, self.running_mean, self.running_var, training=training,

@@ -111,8 +111,9 @@ def find(path: str | Path) -> Path:
     return tag_dir
 
 
-def check_resumable(meta: dict, run: dict, model: dict, world_size: int, where: Path) -> list[str]:
-    """Refuse a checkpoint of another model or world size; return the other run-config differences."""
+def check_resumable(meta: dict, run: dict, model: dict, world_size: int, where: Path, layout: str) -> list[str]:
+    """Refuse a checkpoint of another model, world size or parallel layout; return the other run-config
+    differences."""
     diffs = config_diffs(meta["model"], model)
     if diffs:
         raise ConfigError(f"{where} was trained with a different model config (checkpoint -> this run):\n  "
@@ -120,6 +121,10 @@ def check_resumable(meta: dict, run: dict, model: dict, world_size: int, where: 
     if meta["world_size"] != world_size:
         raise ConfigError(f"{where} was written by {meta['world_size']} ranks, this run has {world_size}; ZeRO "
                           f"shards do not re-partition: export it and start a new run with init_from")
+    written = meta.get("parallel", f"TP 1 x PP 1 x DP {meta['world_size']}")
+    if written != layout:
+        raise ConfigError(f"{where} was written at layout {written}, this run is {layout}; its shards are split for "
+                          f"that layout: export it and start a new run with init_from")
     return config_diffs(meta["config"], run)
 
 

@@ -11,6 +11,7 @@ backward of `dp_size * loss` without its 1 / accumulation scaling.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -26,8 +27,12 @@ from ofa_ds.config import ConfigError, ModelConfig, TrainConfig
 from ofa_ds.data.collate import model_inputs
 from ofa_ds.model.ofa import OFAModel
 from ofa_ds.model.resnet import BatchNorm2d
+from ofa_ds.parallel import checkpointing
+from ofa_ds.parallel.groups import Groups, node_group
+from ofa_ds.parallel.tensor import parallelize, shard
+from ofa_ds.parallel.tensor import token_nll as tensor_parallel_nll
 from ofa_ds.train.flops import stream_shape, train_flops
-from ofa_ds.train.loss import STREAMS, count_tokens, micro_loss, task_sums, token_nll, weighted_sum
+from ofa_ds.train.loss import STREAMS, count_tokens, stream_share, task_sums, token_nll, weighted_sum
 
 # DeepSpeed keys that ofa-ds owns, and where they are set instead.
 OWNED = {
@@ -55,9 +60,15 @@ def load_ds_config(path: str | Path) -> dict:
     return d
 
 
-def ds_config(ds: dict, train: TrainConfig, dp_size: int, where: str) -> dict:
+def ds_config(ds: dict, train: TrainConfig, dp_size: int, where: str, pipeline_stages: int = 1) -> dict:
     """The DeepSpeed config for this run: the JSON checked, plus the batch geometry. The checks depend on the file
     alone, not on the machine that runs them (check_accelerator is the machine's side)."""
+    pipe = ds.get("pipeline", {})
+    if any(pipe.get(k) for k in ("pipe_partitioned", "grad_partitioned")):
+        raise ConfigError(f"{where}: pipeline.pipe_partitioned / grad_partitioned: OFA's stages pass several tensors "
+                          f"that need gradients, which DeepSpeed's partitioned pipe transfer does not allow; remove them")
+    if pipeline_stages > 1:  # DeepSpeed turns them on by default with tensor parallelism
+        ds = {**ds, "pipeline": {**pipe, "pipe_partitioned": False, "grad_partitioned": False}}
     for key, instead in OWNED.items():
         if key in ds:
             raise ConfigError(f"{where}: {key!r} is set by ofa-ds from {instead}; remove it")
@@ -130,8 +141,20 @@ def init_distributed() -> str:
     backend = "nccl" if acc.device_name() == "cuda" else "gloo"
     if backend == "nccl":
         acc.set_device(local_rank())
+    elif "OMP_NUM_THREADS" not in os.environ:
+        cpu_threads_per_rank()
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return backend
+
+
+def cpu_threads_per_rank() -> int:
+    """CPU ranks without OMP_NUM_THREADS (the deepspeed launcher does not set it) share the node's cores instead
+    of each taking all of them: oversubscribed gloo ranks run 20-100x slower."""
+    ranks = next((int(os.environ[k]) for k in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE")
+                  if k in os.environ), world_size())
+    threads = max(1, (os.cpu_count() or 1) // ranks)
+    torch.set_num_threads(threads)
+    return threads
 
 
 class KernelMismatch(RuntimeError):
@@ -167,42 +190,40 @@ def agree_on_kernels(cfg: ModelConfig, device: torch.device) -> dict:
 # ---------------------------------------------------------------------------------------------------- model
 
 
-def build_model(cfg: ModelConfig, ds: dict, seed: int) -> OFAModel:
-    """The model, partitioned across ranks while it is built under ZeRO-3 (deepspeed.zero.Init), which gathers each
-    module's parameters around its forward and backward and is told of the few a module reads from a child."""
+def build_model(cfg: ModelConfig, ds: dict, seed: int, groups: Groups, checkpoint_every: int = 0) -> OFAModel:
+    """The model on this rank. Without tensor parallelism, partitioned across ranks while it is built under ZeRO-3
+    (deepspeed.zero.Init); with it, built whole from the same seed on every rank and then sliced (parallel/tensor.py),
+    so that TP=N starts from TP=1's weights; ZeRO-3 partitions the slices at initialize. ZeRO-3 gathers each
+    module's parameters around its forward and backward and is told of the few a module reads from a child.
+    Pipeline stages are cut from it afterwards (as_pipeline). Every `checkpoint_every`-th layer of each stack
+    recomputes its activations in the backward (parallel/checkpointing.py)."""
     torch.manual_seed(seed)
-    with deepspeed.zero.Init(config_dict_or_path=ds, enabled=zero_stage(ds) == 3):
+    partition = zero_stage(ds) == 3 and groups.tp_size == 1
+    with deepspeed.zero.Init(config_dict_or_path=ds) if partition else contextlib.nullcontext():
         model = OFAModel(cfg)
+    parallelize(model, groups)
+    checkpointing.apply(model, checkpoint_every)
     if zero_stage(ds) == 3:
         for module, param in model.external_parameters():
             deepspeed.zero.register_external_parameter(module, param)
-    if cfg.bn_mode == "sync_node":
-        group = node_group()
+    if cfg.bn_mode in ("sync", "sync_node"):
+        # over data-parallel ranks only: the ranks of a TP group hold the same images
+        group = node_group(groups.dp_ranks()) if cfg.bn_mode == "sync_node" else groups.dp_group
         for m in model.modules():
             if isinstance(m, BatchNorm2d):
                 m.sync_group = group
     return model
 
 
-def ranks_by_host(hosts: list[str]) -> list[list[int]]:
-    """Ranks grouped by the host they run on, in order of each host's first rank."""
-    nodes: dict[str, list[int]] = {}
-    for rank, host in enumerate(hosts):
-        nodes.setdefault(host, []).append(rank)
-    return list(nodes.values())
+def as_pipeline(model: OFAModel, ds: dict, groups: Groups, num_tasks: int):
+    """The deepspeed.pipe module of this rank's stage over the (initialised) model, with loss.py's loss."""
+    from ofa_ds.parallel.pipeline import pipeline_module
+    from ofa_ds.train.pipe_step import PipelineLoss
 
-
-def node_group():
-    """The process group of this rank's node (for sync_node BatchNorm): every rank creates every node's group, in
-    the same order, as torch requires."""
-    hosts = [None] * dist.get_world_size()
-    dist.all_gather_object(hosts, socket.gethostname())
-    mine = None
-    for ranks in ranks_by_host(hosts):
-        group = dist.new_group(ranks)
-        if dist.get_rank() in ranks:
-            mine = group
-    return mine
+    # DeepSpeed divides the loss by the configured accumulation and averages over data-parallel ranks
+    scale = groups.dp_size * ds["gradient_accumulation_steps"]
+    loss = PipelineLoss(nll_function(groups), model.cfg.pad_id, num_tasks, scale)
+    return pipeline_module(model, groups, loss, groups.layout.pipeline_partition)
 
 
 ARCH = ("embed_dim", "ffn_dim", "heads", "encoder_layers", "decoder_layers", "resnet", "token_bucket_size",
@@ -222,7 +243,7 @@ def init_state_dict(path: str | Path, cfg: ModelConfig) -> dict:
     return resize_vocab(sd, cfg.vocab_size)
 
 
-def load_init(model: torch.nn.Module, path: str | Path, cfg: ModelConfig) -> None:
+def load_init(model: torch.nn.Module, path: str | Path, cfg: ModelConfig, groups: Groups) -> None:
     """Start from `path`: rank 0 alone reads it and scatters the weights (one copy in host memory per run, not per
     rank); a file that does not fit is the same CheckpointError on every rank."""
     from ofa_ds.model.convert import CheckpointError
@@ -237,24 +258,33 @@ def load_init(model: torch.nn.Module, path: str | Path, cfg: ModelConfig) -> Non
     dist.broadcast_object_list(box, src=0)
     if box[0] is not None:
         raise CheckpointError(box[0])
-    load_weights(model, sd)
+    load_weights(model, sd, groups)
 
 
-def load_weights(model: torch.nn.Module, sd: dict | None) -> None:
+def load_weights(model: OFAModel, sd: dict | None, groups: Groups | None = None) -> None:
     """Copy a full state dict, given on rank 0 (None elsewhere), into a model on every rank: ZeRO-3 partitions
-    take their slice of rank 0's copy, whole tensors are broadcast. Without a process group, a plain copy."""
+    take their slice of rank 0's copy, whole tensors are broadcast, and tensor-parallel ranks keep their share of
+    them. Without a process group, a plain copy."""
     from ofa_ds.model.convert import check_keys
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     share = dist.is_initialized() and dist.get_world_size() > 1
+    tp, tp_rank = (groups.tp_size, groups.tp_rank) if groups is not None else (1, 0)
+    with torch.device("meta"):
+        full = OFAModel(model.cfg).state_dict()  # names and full shapes, persistent buffers included
+    if rank == 0:
+        check_keys(full, sd)
+    device = get_accelerator().current_device_name()
     saved = model.state_dict(keep_vars=True)
     buffers = {k: b for k, b in model.named_buffers() if k in saved}  # the persistent ones
-    if rank == 0:
-        want = {k: torch.empty(getattr(p, "ds_shape", p.shape), device="meta") for k, p in model.named_parameters()}
-        check_keys({**want, **buffers}, sd)
-    device = get_accelerator().current_device_name()
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if tp > 1:  # not partitioned yet: ZeRO partitions the shares at initialize
+                whole = sd[name] if rank == 0 else torch.empty(full[name].shape, dtype=p.dtype)
+                if share:
+                    _broadcast_into(whole, device)
+                p.copy_(shard(name, whole, tp_rank, tp))
+                continue
             partitioned = hasattr(p, "ds_id")
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=partitioned):
                 if rank == 0:
@@ -275,9 +305,11 @@ def _broadcast_into(t: torch.Tensor, device: str) -> None:
     t.copy_(on_device)
 
 
-def initialize(model: torch.nn.Module, ds: dict):
-    """DeepSpeed's engine over the model; no lr scheduler (the trainer sets each update's rate, schedule.py)."""
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+def initialize(model: torch.nn.Module, ds: dict, groups: Groups):
+    """DeepSpeed's engine over the model; no lr scheduler (the trainer sets each update's rate, schedule.py). With
+    tensor parallelism DeepSpeed gets the mpu: ZeRO then averages gradients over the data-parallel group only."""
+    mpu = groups.mpu if groups.pp_size == 1 else None  # the pipeline module brings its own grid
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds, mpu=mpu)
     return engine
 
 
@@ -296,9 +328,16 @@ class StepStats:
     flops: float  # analytic training FLOPs of the update over all ranks
 
 
-def train_step(engine, micro_batches: list[dict], *, model_cfg: ModelConfig, num_tasks: int) -> StepStats:
-    """One optimizer update over this rank's micro-batches (forward v1 and v2, backward, DeepSpeed step)."""
-    pad, dp = model_cfg.pad_id, dist.get_world_size()
+def nll_function(groups: Groups):
+    """token_nll, or its vocabulary-parallel form when the logits are split over TP ranks."""
+    return tensor_parallel_nll if groups.tp_size > 1 else token_nll
+
+
+def train_step(engine, micro_batches: list[dict], *, model_cfg: ModelConfig, num_tasks: int,
+               groups: Groups) -> StepStats:
+    """One optimizer update over this rank's micro-batches (forward v1 and v2, backward, DeepSpeed step). The ranks
+    of a TP group see the same micro-batches and compute the same loss; sums run over the data-parallel group."""
+    pad, dp, nll_fn = model_cfg.pad_id, groups.dp_size, nll_function(groups)
     device, dtype = engine.device, _compute_dtype(engine)
     # Global token counts first: every micro-batch's loss is normalised by them (loss.py).
     shapes = [stream_shape(b[s]) for b in micro_batches for s in STREAMS if b.get(s) is not None]
@@ -307,47 +346,62 @@ def train_step(engine, micro_batches: list[dict], *, model_cfg: ModelConfig, num
         head[:2] += count_tokens(b, pad)
     head[2] = sum(s.batch for s in shapes)
     head[3] = train_flops(model_cfg, shapes)
-    head = _all_reduce(head, device)
+    head = _all_reduce(head, device, groups.dp_group)
     n_tokens = head[:2]
+    if groups.pp_size > 1:
+        from ofa_ds.train import pipe_step
+
+        parts, tasks = pipe_step.train_step(engine, micro_batches, model_cfg=model_cfg, num_tasks=num_tasks,
+                                            groups=groups, head=head, dtype=dtype)
+        return StepStats(loss=float(parts.sum()), stream_loss=parts.tolist(), task_nll=tasks, tokens=n_tokens.tolist(),
+                         examples=float(head[2]), flops=float(head[3]))
 
     parts = torch.zeros(2, dtype=torch.float64, device=device)
     tasks = torch.zeros(2, num_tasks, dtype=torch.float64, device=device)
-    for b in micro_batches:
-        streams = {s: model_inputs(b[s], device, dtype) for s in STREAMS if b.get(s) is not None}
-        nll = {s: token_nll(engine(x), x["target"], pad) for s, x in streams.items()}
-        loss, p = micro_loss(nll, streams, n_tokens)
-        engine.backward(loss * dp, scale_wrt_gas=False)
-        engine.step()
-        parts += p
-        for s, x in streams.items():
-            tasks += task_sums(nll[s], x, num_tasks, pad)
-    tail = _all_reduce(torch.cat([parts, tasks.flatten()]), device)
+    # A backward per stream of each micro-batch: one stream's activations live at a time, and a layer's gradient
+    # reaches ZeRO once per backward (also under reentrant activation checkpointing). DeepSpeed is told which backward
+    # ends the update (its own count assumes one backward per micro-batch); one step() applies it.
+    streams = [(b[s], i) for b in micro_batches for i, s in enumerate(STREAMS) if b.get(s) is not None]
+    for n, (stream, i) in enumerate(streams):
+        engine.set_gradient_accumulation_boundary(n == len(streams) - 1)
+        x = model_inputs(stream, device, dtype)
+        nll = nll_fn(engine(x), x["target"], pad)
+        share = stream_share(nll, x["weights"], n_tokens[i])
+        engine.backward(share * dp, scale_wrt_gas=False)
+        parts[i] += share.detach().double()
+        tasks += task_sums(nll, x, num_tasks, pad)
+    engine.step()
+    tail = _all_reduce(torch.cat([parts, tasks.flatten()]), device, groups.dp_group)
     return StepStats(loss=float(tail[:2].sum()), stream_loss=tail[:2].tolist(), task_nll=tail[2:].view(2, num_tasks),
                      tokens=n_tokens.tolist(), examples=float(head[2]), flops=float(head[3]))
 
 
 @torch.no_grad()
-def eval_sums(engine, micro_batches, *, model_cfg: ModelConfig, num_tasks: int) -> torch.Tensor:
+def eval_sums(engine, micro_batches, *, model_cfg: ModelConfig, num_tasks: int, groups: Groups) -> torch.Tensor:
     """Validation sums over all ranks, (2, 2 + num_tasks) float64: row 0 nll sums, row 1 target tokens;
     columns v1 and v2 (conf-weighted, as the loss), then each task (unweighted)."""
     pad, device, dtype = model_cfg.pad_id, engine.device, _compute_dtype(engine)
+    if groups.pp_size > 1:
+        from ofa_ds.train import pipe_step
+
+        return pipe_step.eval_sums(engine, micro_batches, num_tasks=num_tasks, groups=groups, dtype=dtype)
     out = torch.zeros(2, 2 + num_tasks, dtype=torch.float64, device=device)
     engine.eval()
     for b in micro_batches:
         for i, s in enumerate(STREAMS):
             if b.get(s) is not None:
                 x = model_inputs(b[s], device, dtype)
-                nll = token_nll(engine(x), x["target"], pad)
+                nll = nll_function(groups)(engine(x), x["target"], pad)
                 out[0, i] += weighted_sum(nll, x["weights"]).double()
                 out[1, i] += x["target"].ne(pad).sum()
                 out[:, 2:] += task_sums(nll, x, num_tasks, pad)
     engine.train()
-    return _all_reduce(out, device)
+    return _all_reduce(out, device, groups.dp_group)
 
 
-def _all_reduce(t: torch.Tensor, device) -> torch.Tensor:
+def _all_reduce(t: torch.Tensor, device, group) -> torch.Tensor:
     t = t.to(device)
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=group)
     return t.cpu()
 
 
@@ -360,6 +414,6 @@ def loss_scale(engine) -> float | None:
 
 
 __all__ = ["load_ds_config", "ds_config", "check_accelerator", "zero_stage", "precision", "world_size", "local_rank",
-           "init_distributed", "KernelMismatch", "kernels_in_use", "agree_on_kernels", "build_model", "ranks_by_host",
-           "node_group", "init_state_dict", "load_init", "load_weights", "initialize", "StepStats", "train_step",
-           "eval_sums", "loss_scale"]
+           "init_distributed", "cpu_threads_per_rank", "KernelMismatch", "kernels_in_use", "agree_on_kernels",
+           "build_model", "as_pipeline", "init_state_dict", "load_init", "load_weights", "initialize", "StepStats",
+           "train_step", "eval_sums", "nll_function", "loss_scale"]

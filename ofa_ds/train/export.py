@@ -4,8 +4,9 @@
     ofa-ds export runs/quickstart/checkpoints/step_00000200 ofa.pt  # OFA's fairseq layout (loads in OFA's code)
 
 CHECKPOINT is a run directory (its `latest`), its checkpoints/ or one step_* directory. The weights are
-the fp32 master weights gathered from the ZeRO shards (DeepSpeed's zero_to_fp32), with the model's
-buffers; the model config comes from the checkpoint's meta.json. Needs no process group or GPU.
+the fp32 master weights gathered from the ZeRO shards (DeepSpeed's zero_to_fp32) and, for a tensor-parallel run,
+joined over the TP ranks, with the model's buffers; the model config comes from the checkpoint's meta.json. Needs
+no process group or GPU.
 """
 from __future__ import annotations
 
@@ -22,18 +23,69 @@ def add_arguments(p) -> None:
 
 
 def consolidated_state_dict(tag_dir: Path) -> tuple[ModelConfig, dict]:
-    """(model config, full fp32 state dict) of a complete checkpoint directory."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
+    """(model config, full fp32 state dict) of a complete checkpoint directory, from any layout: DeepSpeed's
+    zero_to_fp32 gathers the fp32 master weights of each model-parallel rank (a pipeline stage's TP rank), pipeline
+    names are mapped back to the model's, then the TP shares are joined (parallel/tensor.py) and the vocabulary's
+    padding is dropped."""
     from ofa_ds.model.convert import check_keys
     from ofa_ds.model.ofa import OFAModel
+    from ofa_ds.parallel.pipeline import layer_prefixes, source_name
+    from ofa_ds.parallel.tensor import unshard
     from ofa_ds.train.checkpoint import read_meta
 
-    cfg = ModelConfig.from_dict(read_meta(tag_dir)["model"])
-    sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    meta = read_meta(tag_dir)
+    cfg = ModelConfig.from_dict(meta["model"])
+    layout = meta["config"].get("parallel", {})
+    tp, pp = layout.get("tensor", 1), layout.get("pipeline", 1)
+    parts = [{} for _ in range(tp)]
+    for mp in range(tp * pp):  # DeepSpeed's model-parallel rank of stage s, TP rank t: s * tp + t
+        sd = _model_parallel_rank(tag_dir, mp, tp * pp, mp % tp if pp > 1 else None)
+        if pp > 1:
+            prefixes = layer_prefixes(cfg)
+            sd = {source_name(k, prefixes): v for k, v in sd.items()}
+        parts[mp % tp].update(sd)
+    sd = {k: unshard(k, [p[k] for p in parts], cfg.vocab_size) for k in parts[0]}
     with torch.device("meta"):
         check_keys(OFAModel(cfg).state_dict(), sd)
     return cfg, sd
+
+
+def _model_parallel_rank(tag_dir: Path, mp: int, mp_size: int, pipeline_tp_rank: int | None) -> dict:
+    """One model-parallel rank's fp32 state dict: zero_to_fp32 over a directory that holds that rank's files alone
+    (DeepSpeed names them ..._mp_rank_RR_...; zero_to_fp32 reads every file it finds). A pipeline checkpoint keeps
+    the module's tensors in per-layer files (layer_LL-model_TT-model_states.pt); zero_to_fp32 takes the buffers
+    from the model-states file, so the view's copy of it gets them from there."""
+    import tempfile
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if mp_size == 1:
+        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    with tempfile.TemporaryDirectory() as tmp:
+        view = Path(tmp) / tag_dir.name
+        view.mkdir()
+        for f in tag_dir.glob(f"*mp_rank_{mp:02d}_*.pt"):
+            (view / f.name).symlink_to(f.resolve())
+        if pipeline_tp_rank is not None:
+            states = view / f"mp_rank_{mp:02d}_model_states.pt"
+            model_states = torch.load(states, weights_only=True)
+            model_states["module"] = _pipeline_tensors(tag_dir, pipeline_tp_rank)
+            states.unlink()
+            torch.save(model_states, states)
+        return get_fp32_state_dict_from_zero_checkpoint(tmp, tag=tag_dir.name)
+
+
+def _pipeline_tensors(tag_dir: Path, tp_rank: int) -> dict:
+    """A TP rank's layer files' tensors under the pipeline module's names ("L.name"; layer 0 is the tied
+    embedding)."""
+    from ofa_ds.parallel.pipeline import TIED
+
+    out = {}
+    for f in sorted(tag_dir.glob(f"layer_*-model_{tp_rank:02d}-model_states.pt")):
+        index = int(f.name.split("-")[0][len("layer_"):])
+        prefix = TIED if index == 0 else f"{index}."
+        out.update({prefix + k: v for k, v in torch.load(f, weights_only=True).items()})
+    return out
 
 
 def run(args) -> int:

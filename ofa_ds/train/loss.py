@@ -35,6 +35,11 @@ def weighted_sum(nll: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (nll * weights.to(nll.dtype)[:, None]).sum()
 
 
+def stream_share(nll: torch.Tensor, weights: torch.Tensor, n_tokens: float) -> torch.Tensor:
+    """One stream's share of the step loss: sum(conf * nll) / the stream's global non-pad target tokens."""
+    return weighted_sum(nll, weights) / float(n_tokens)
+
+
 def micro_loss(nll: dict, batch: dict, n_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """This micro-batch's share of the step loss, and its per-stream parts (2,) (detached).
 
@@ -45,7 +50,7 @@ def micro_loss(nll: dict, batch: dict, n_tokens: torch.Tensor) -> tuple[torch.Te
         if batch.get(s) is None or n_tokens[i] == 0:
             parts.append(nll["v1"].new_zeros(()))
         else:
-            parts.append(weighted_sum(nll[s], batch[s]["weights"]) / float(n_tokens[i]))
+            parts.append(stream_share(nll[s], batch[s]["weights"], n_tokens[i]))
     return parts[0] + parts[1], torch.stack([p.detach() for p in parts])
 
 
@@ -59,4 +64,4 @@ def task_sums(nll: torch.Tensor, stream: dict, num_tasks: int, pad: int) -> torc
     return out
 
 
-__all__ = ["STREAMS", "token_nll", "count_tokens", "weighted_sum", "micro_loss", "task_sums"]
+__all__ = ["STREAMS", "token_nll", "count_tokens", "weighted_sum", "stream_share", "micro_loss", "task_sums"]

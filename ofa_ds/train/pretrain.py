@@ -95,7 +95,7 @@ def prepare(args) -> Plan:
     from ofa_ds.data.shards import Corpus, CorpusError
     from ofa_ds.data.tokenizer import load_tokenizer
     from ofa_ds.train import checkpoint
-    from ofa_ds.train.engine import check_accelerator, ds_config, load_ds_config, world_size
+    from ofa_ds.train.engine import check_accelerator, ds_config, load_ds_config, world_size, zero_stage
 
     overrides = list(args.overrides)
     overrides += [f"out_dir={args.out_dir}"] if args.out_dir else []
@@ -103,7 +103,9 @@ def prepare(args) -> Plan:
     run = load_run_config(args.config, overrides)
     model = run.model_config()
     ws = world_size()
-    ds = ds_config(load_ds_config(run.deepspeed), run.train, ws, run.deepspeed)
+    ds = load_ds_config(run.deepspeed)
+    run.parallel.check(model, ws, zero_stage(ds))
+    ds = ds_config(ds, run.train, run.parallel.data_parallel(ws), run.deepspeed, run.parallel.pipeline)
     check_accelerator(ds, run.deepspeed)
     corpora = []
     for key in ("corpus", "val_corpus"):
@@ -122,7 +124,8 @@ def prepare(args) -> Plan:
     if args.resume is not None:
         if args.resume or checkpoint.complete_tags(out_dir / "checkpoints"):
             resume = checkpoint.find(args.resume or out_dir)
-            diffs = checkpoint.check_resumable(checkpoint.read_meta(resume), run.to_dict(), model.to_dict(), ws, resume)
+            diffs = checkpoint.check_resumable(checkpoint.read_meta(resume), run.to_dict(), model.to_dict(), ws, resume,
+                                               run.parallel.describe(ws))
             geometry = [d for d in diffs if d.split(":")[0] in GEOMETRY]
             if geometry and not args.change_geometry:
                 raise ConfigError(f"{resume} was written with another schedule or data order (checkpoint -> this run):"
@@ -192,11 +195,14 @@ class Trainer:
         from deepspeed.accelerator import get_accelerator
 
         from ofa_ds.data.tasks import TASKS
+        from ofa_ds.parallel import groups
         from ofa_ds.train import engine as eng
         from ofa_ds.train.metrics import peak_tflops
 
         self.plan, self.run_cfg, self.train = plan, plan.run, plan.run.train
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.groups = groups.build(plan.run.parallel)
+        self.dp_rank, self.dp = self.groups.dp_rank, self.groups.dp_size
         self.tasks = TASKS
         self.backend = backend
         if self.rank == 0:
@@ -205,10 +211,15 @@ class Trainer:
             save_dict(plan.ds, plan.out_dir / "ds_config.json")
 
         self.kernels = eng.agree_on_kernels(plan.model, torch.device(get_accelerator().current_device_name()))
-        model = eng.build_model(plan.model, plan.ds, self.train.seed)
+        from ofa_ds.parallel import checkpointing
+
+        model = eng.build_model(plan.model, plan.ds, self.train.seed, self.groups,
+                                checkpointing.every(self.train.activation_checkpointing))
         if self.run_cfg.init_from and plan.resume is None:
-            eng.load_init(model, self.run_cfg.init_from, plan.model)
-        self.engine = eng.initialize(model, plan.ds)
+            eng.load_init(model, self.run_cfg.init_from, plan.model, self.groups)
+        if self.groups.pp_size > 1:
+            model = eng.as_pipeline(model, plan.ds, self.groups, len(self.tasks))
+        self.engine = eng.initialize(model, plan.ds, self.groups)
         self.step = self.consumed = 0  # updates done, global VL rows consumed (the sampler position)
         if plan.resume is not None:
             from ofa_ds.train import checkpoint
@@ -216,7 +227,9 @@ class Trainer:
             meta = checkpoint.load(self.engine, plan.resume)
             self.step, self.consumed = meta["step"], meta["consumed_samples"]
         else:
-            seed = self.train.seed + 1000 * self.rank  # different dropout streams per rank
+            # dropout streams differ between data-parallel ranks and agree within a TP group (whose activations
+            # outside the split layers are replicated)
+            seed = self.train.seed + 1000 * self.dp_rank
             torch.manual_seed(seed)
             random.seed(seed)
             np.random.seed(seed)
@@ -235,10 +248,10 @@ class Trainer:
             print(self.summary(), flush=True)
         self.metrics = Metrics(plan.out_dir, rank=self.rank, steps=train.steps, start_step=self.step)
         stop = StopRequest()
-        loader = build_loader(plan.corpus, plan.tokenizer, self.run_cfg.data, dp_rank=self.rank, dp_size=self.world,
+        loader = build_loader(plan.corpus, plan.tokenizer, self.run_cfg.data, dp_rank=self.dp_rank, dp_size=self.dp,
                               micro_batch=train.micro_batch, consumed_samples=self.consumed)
         batches = iter(loader)
-        gas = train.accumulation(self.world)
+        gas = train.accumulation(self.dp)
         validate = train.eval_every > 0 and plan.val_corpus is not None
         if validate and self.step == 0:
             self.evaluate()  # the starting point
@@ -255,7 +268,8 @@ class Trainer:
                     break
                 lr = self.lr(self.step + 1)
                 schedule.set_lr(self.engine.optimizer, lr)
-                stats = train_step(self.engine, micro, model_cfg=plan.model, num_tasks=len(self.tasks))
+                stats = train_step(self.engine, micro, model_cfg=plan.model, num_tasks=len(self.tasks),
+                                   groups=self.groups)
                 self.step += 1
                 self.consumed += train.global_batch
                 self._check_finite(stats)
@@ -362,11 +376,11 @@ class Trainer:
         from ofa_ds.train.engine import eval_sums
 
         rng = checkpoint.rng_state()  # validation must not change what training draws next
-        loader = build_loader(self.plan.val_corpus, self.plan.tokenizer, self.run_cfg.data, dp_rank=self.rank,
-                              dp_size=self.world, micro_batch=self.train.micro_batch, num_workers=0)
+        loader = build_loader(self.plan.val_corpus, self.plan.tokenizer, self.run_cfg.data, dp_rank=self.dp_rank,
+                              dp_size=self.dp, micro_batch=self.train.micro_batch, num_workers=0)
         it = iter(loader)
         sums = eval_sums(self.engine, [next(it) for _ in range(self.train.eval_batches)], model_cfg=self.plan.model,
-                         num_tasks=len(self.tasks))
+                         num_tasks=len(self.tasks), groups=self.groups)
         checkpoint.set_rng_state(rng)
         streams = [float(sums[0, i] / sums[1, i]) if sums[1, i] > 0 else None for i in range(2)]
         scalars = {"val/loss": sum(v for v in streams if v is not None), "val/loss_v1": streams[0],
@@ -382,20 +396,24 @@ class Trainer:
 
         run = self.run_cfg.to_dict()
         meta = {"step": self.step, "consumed_samples": self.consumed,
-                "world_size": self.world, "model": self.plan.model.to_dict(), "config": run,
+                "world_size": self.world, "parallel": self.run_cfg.parallel.describe(self.world), "model": self.plan.model.to_dict(), "config": run,
                 "config_hash": checkpoint.config_hash(run), "model_hash": checkpoint.config_hash(self.plan.model.to_dict()),
                 "ds_config": self.plan.ds, "time": time.time()}
         tag_dir = checkpoint.save(self.engine, self.plan.out_dir / "checkpoints", meta, self.train.keep_last)
         self.metrics.print(f"step {self.step}: checkpoint {tag_dir}")
 
     def summary(self) -> str:
+        from ofa_ds.model.ofa import OFAModel
         from ofa_ds.train.engine import precision, zero_stage
         from ofa_ds.train.flops import StreamShape, train_flops
         from ofa_ds.train.metrics import summary
 
         p, m, t, ds = self.plan, self.plan.model, self.train, self.plan.ds
-        params = sum(getattr(q, "ds_numel", q.numel()) for q in self.engine.module.parameters())
+        with torch.device("meta"):
+            params = OFAModel(m).num_parameters()
+        here = sum(getattr(q, "ds_numel", q.numel()) for q in self.engine.module.parameters())
         nodes = int(os.environ.get("CROSS_SIZE", os.environ.get("GROUP_WORLD_SIZE", "1")))
+        per_node = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", self.world // nodes)))
         opt = ds["optimizer"].get("params", {})
         offload = [k for k in ("offload_param", "offload_optimizer")
                    if ds["zero_optimization"].get(k, {}).get("device", "none") != "none"]
@@ -407,17 +425,19 @@ class Trainer:
         one_row = train_flops(m, [StreamShape(2, d.image_size, d.sample_patch_num if d.sample_patch_num > 0 else
                                               (d.image_size // 16) ** 2, 32, 16)])
         rows = [
-            ("model", f"{m.name}: {params:,} parameters (d={m.embed_dim}, {m.encoder_layers}+{m.decoder_layers} layers, "
+            ("model", f"{m.name}: {params:,} parameters, {here:,} on rank 0 before ZeRO (d={m.embed_dim}, {m.encoder_layers}+{m.decoder_layers} layers, "
                       f"{m.heads} heads, {m.resnet}, V={m.vocab_size}, bn {m.bn_mode})"),
-            ("parallel", f"{self.world} data-parallel rank(s) on {nodes} node(s), {self.backend}, "
-                         f"device {self.engine.device}; kernels: attention {self.kernels['attention']}, "
+            ("parallel", f"{p.run.parallel.describe(self.world)} = {self.world} rank(s) on {nodes} node(s) of "
+                         f"{per_node}, {self.backend}, device {self.engine.device}, activation checkpointing "
+                         f"{t.activation_checkpointing}; "
+                         f"kernels: attention {self.kernels['attention']}, "
                          f"resnet {self.kernels['resnet']} (the same on every rank)"),
             ("deepspeed", f"{p.run.deepspeed}: ZeRO stage {zero_stage(ds)}, {precision(ds)}"
                           + (f", offload {'+'.join(offload)}" if offload else "")
                           + f", {type(self.engine.basic_optimizer).__name__} lr {opt.get('lr')} betas {opt.get('betas')} "
                           f"eps {opt.get('eps')} wd {opt.get('weight_decay')}, clip {ds['gradient_clipping']}"),
-            ("batch", f"{t.global_batch} VL rows/update = {t.micro_batch} per rank x {self.world} rank(s) x "
-                      f"{t.accumulation(self.world)} accumulation (each row: 2 v1 examples; 8th rows add 4 v2)"),
+            ("batch", f"{t.global_batch} VL rows/update = {t.micro_batch} per rank x {self.dp} data-parallel rank(s) x "
+                      f"{t.accumulation(self.dp)} accumulation (each row: 2 v1 examples; 8th rows add 4 v2)"),
             ("schedule", f"{t.steps} updates, warmup {int(t.warmup_ratio * t.steps)}, decay power {t.lr_power} to "
                          f"{t.end_lr}" + (f", resuming at {self.step} from {p.resume}" if p.resume else "")
                          + (f", init from {p.run.init_from}" if p.run.init_from and not p.resume else "")),
