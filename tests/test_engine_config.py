@@ -228,7 +228,8 @@ def test_resume_refuses_a_checkpoint_of_another_model_naming_the_differences(dat
     meta["model"] = plan.model.to_dict()
     meta["world_size"] = 2
     (tag / "meta.json").write_text(json.dumps(meta))
-    expect(ConfigError, r"written by 2 ranks, this run has 1", cfg, resume="")
+    expect(ConfigError, r"written at layout TP 1 x PP 1 x DP 2 \(2 ranks\), this run is TP 1 x PP 1 x DP 1 \(1 "
+           r"ranks\).*run `ofa-ds to-universal .*step_00000002` once", cfg, resume="")
     (tag / "meta.json").unlink()
     expect(ConfigError, r"step_00000002: incomplete checkpoint", cfg, resume=str(tag))
 

@@ -111,21 +111,22 @@ def find(path: str | Path) -> Path:
     return tag_dir
 
 
-def check_resumable(meta: dict, run: dict, model: dict, world_size: int, where: Path, layout: str) -> list[str]:
-    """Refuse a checkpoint of another model, world size or parallel layout; return the other run-config
-    differences."""
+def check_resumable(meta: dict, run: dict, model: dict, world_size: int, where: Path, layout: str,
+                    universal: bool) -> tuple[list[str], bool]:
+    """Refuse a checkpoint of another model, or of another world size or parallel layout that has no universal
+    form (ofa-ds to-universal); return the other run-config differences and whether to resume from the universal
+    form."""
     diffs = config_diffs(meta["model"], model)
     if diffs:
         raise ConfigError(f"{where} was trained with a different model config (checkpoint -> this run):\n  "
                           + "\n  ".join(diffs))
-    if meta["world_size"] != world_size:
-        raise ConfigError(f"{where} was written by {meta['world_size']} ranks, this run has {world_size}; ZeRO "
-                          f"shards do not re-partition: export it and start a new run with init_from")
     written = meta.get("parallel", f"TP 1 x PP 1 x DP {meta['world_size']}")
-    if written != layout:
-        raise ConfigError(f"{where} was written at layout {written}, this run is {layout}; its shards are split for "
-                          f"that layout: export it and start a new run with init_from")
-    return config_diffs(meta["config"], run)
+    relayout = meta["world_size"] != world_size or written != layout
+    if relayout and not universal:
+        raise ConfigError(f"{where} was written at layout {written} ({meta['world_size']} ranks), this run is "
+                          f"{layout} ({world_size} ranks); its shards are split for that layout: run `ofa-ds "
+                          f"to-universal {where}` once, then resume (weights and optimizer states carried)")
+    return config_diffs(meta["config"], run), relayout
 
 
 def config_diffs(old: dict, new: dict, prefix: str = "") -> list[str]:

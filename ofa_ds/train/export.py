@@ -17,16 +17,21 @@ import torch
 from ofa_ds.config import ModelConfig
 
 
+MASTER = "fp32"
+OPTIM_SUFFIX = "_optim_states.pt"
+
+
 def add_arguments(p) -> None:
     p.add_argument("checkpoint", type=Path, help="run directory, its checkpoints/, or a step_* directory")
     p.add_argument("out", type=Path, nargs="+", help="output file(s): .safetensors (ofa_ds) or .pt (OFA)")
 
 
-def consolidated_state_dict(tag_dir: Path) -> tuple[ModelConfig, dict]:
+def consolidated_state_dict(tag_dir: Path, state: str = MASTER) -> tuple[ModelConfig, dict]:
     """(model config, full fp32 state dict) of a complete checkpoint directory, from any layout: DeepSpeed's
     zero_to_fp32 gathers the fp32 master weights of each model-parallel rank (a pipeline stage's TP rank), pipeline
     names are mapped back to the model's, then the TP shares are joined (parallel/tensor.py) and the vocabulary's
-    padding is dropped."""
+    padding is dropped. With `state` an optimizer state's key ("exp_avg"), that state of every parameter instead
+    (the optimizer's flat partitions are laid out as the master weights' are), without buffers."""
     from ofa_ds.model.convert import check_keys
     from ofa_ds.model.ofa import OFAModel
     from ofa_ds.parallel.pipeline import layer_prefixes, source_name
@@ -39,33 +44,39 @@ def consolidated_state_dict(tag_dir: Path) -> tuple[ModelConfig, dict]:
     tp, pp = layout.get("tensor", 1), layout.get("pipeline", 1)
     parts = [{} for _ in range(tp)]
     for mp in range(tp * pp):  # DeepSpeed's model-parallel rank of stage s, TP rank t: s * tp + t
-        sd = _model_parallel_rank(tag_dir, mp, tp * pp, mp % tp if pp > 1 else None)
+        sd = _model_parallel_rank(tag_dir, mp, tp * pp, mp % tp if pp > 1 else None, state)
         if pp > 1:
             prefixes = layer_prefixes(cfg)
             sd = {source_name(k, prefixes): v for k, v in sd.items()}
         parts[mp % tp].update(sd)
-    sd = {k: unshard(k, [p[k] for p in parts], cfg.vocab_size) for k in parts[0]}
     with torch.device("meta"):
-        check_keys(OFAModel(cfg).state_dict(), sd)
+        model = OFAModel(cfg)
+    want = model.state_dict() if state == MASTER else dict(model.named_parameters())
+    sd = {k: unshard(k, [p[k] for p in parts], cfg.vocab_size) for k in parts[0] if k in want}
+    check_keys(want, sd)
     return cfg, sd
 
 
-def _model_parallel_rank(tag_dir: Path, mp: int, mp_size: int, pipeline_tp_rank: int | None) -> dict:
+def _model_parallel_rank(tag_dir: Path, mp: int, mp_size: int, pipeline_tp_rank: int | None, state: str) -> dict:
     """One model-parallel rank's fp32 state dict: zero_to_fp32 over a directory that holds that rank's files alone
     (DeepSpeed names them ..._mp_rank_RR_...; zero_to_fp32 reads every file it finds). A pipeline checkpoint keeps
     the module's tensors in per-layer files (layer_LL-model_TT-model_states.pt); zero_to_fp32 takes the buffers
-    from the model-states file, so the view's copy of it gets them from there."""
+    from the model-states file, so the view's copy of it gets them from there. For an optimizer state, the view's
+    optimizer files hold that state where zero_to_fp32 reads the master weights."""
     import tempfile
 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    if mp_size == 1:
+    if mp_size == 1 and state == MASTER:
         return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     with tempfile.TemporaryDirectory() as tmp:
         view = Path(tmp) / tag_dir.name
         view.mkdir()
         for f in tag_dir.glob(f"*mp_rank_{mp:02d}_*.pt"):
-            (view / f.name).symlink_to(f.resolve())
+            if state != MASTER and f.name.endswith(OPTIM_SUFFIX):
+                _save_as_master(f, view / f.name, state)
+            else:
+                (view / f.name).symlink_to(f.resolve())
         if pipeline_tp_rank is not None:
             states = view / f"mp_rank_{mp:02d}_model_states.pt"
             model_states = torch.load(states, weights_only=True)
@@ -73,6 +84,31 @@ def _model_parallel_rank(tag_dir: Path, mp: int, mp_size: int, pipeline_tp_rank:
             states.unlink()
             torch.save(model_states, states)
         return get_fp32_state_dict_from_zero_checkpoint(tmp, tag=tag_dir.name)
+
+
+def optimizer_files(tag_dir: Path) -> list[Path]:
+    return sorted(tag_dir.glob("*" + OPTIM_SUFFIX))
+
+
+def read_optimizer_file(path: Path) -> tuple[dict, str, dict]:
+    """(file contents, the key of the master weights' flat partitions in its optimizer_state_dict, the optimizer's
+    state per partition) of one ZeRO optimizer-states file. ZeRO-1/2 keep the partitions without their alignment padding and the optimizer's
+    state with it (at the end); ZeRO-3 both whole."""
+    sd = torch.load(path, map_location="cpu", weights_only=False)  # DeepSpeed's own objects (loss scaler) inside
+    osd = sd["optimizer_state_dict"]
+    if int(osd["zero_stage"]) == 3:
+        key, base = "fp32_flat_groups", osd["optimizer_state_dict"]
+    else:
+        key, base = "single_partition_of_fp32_groups", osd["base_optimizer_state"]
+    states = base["state"] if isinstance(base, dict) else dict(enumerate(base))
+    return sd, key, states
+
+
+def _save_as_master(src: Path, dst: Path, state: str) -> None:
+    sd, key, states = read_optimizer_file(src)
+    osd = sd["optimizer_state_dict"]
+    osd[key] = [states[i][state][: flat.numel()] for i, flat in enumerate(osd[key])]
+    torch.save(sd, dst)
 
 
 def _pipeline_tensors(tag_dir: Path, tp_rank: int) -> dict:

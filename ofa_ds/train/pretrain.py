@@ -89,12 +89,13 @@ class Plan:
     val_corpus: object | None
     tokenizer: object
     resume: Path | None  # tag directory
+    relayout: bool = False  # resume from its universal form (another layout or world size)
 
 
 def prepare(args) -> Plan:
     from ofa_ds.data.shards import Corpus, CorpusError
     from ofa_ds.data.tokenizer import load_tokenizer
-    from ofa_ds.train import checkpoint
+    from ofa_ds.train import checkpoint, universal
     from ofa_ds.train.engine import check_accelerator, ds_config, load_ds_config, world_size, zero_stage
 
     overrides = list(args.overrides)
@@ -120,12 +121,12 @@ def prepare(args) -> Plan:
         raise ConfigError(f"init_from: {run.init_from} does not exist")
 
     out_dir = Path(run.out_dir)
-    resume = None
+    resume, relayout = None, False
     if args.resume is not None:
         if args.resume or checkpoint.complete_tags(out_dir / "checkpoints"):
             resume = checkpoint.find(args.resume or out_dir)
-            diffs = checkpoint.check_resumable(checkpoint.read_meta(resume), run.to_dict(), model.to_dict(), ws, resume,
-                                               run.parallel.describe(ws))
+            diffs, relayout = checkpoint.check_resumable(checkpoint.read_meta(resume), run.to_dict(), model.to_dict(),
+                                                         ws, resume, run.parallel.describe(ws), universal.exists(resume))
             geometry = [d for d in diffs if d.split(":")[0] in GEOMETRY]
             if geometry and not args.change_geometry:
                 raise ConfigError(f"{resume} was written with another schedule or data order (checkpoint -> this run):"
@@ -135,7 +136,7 @@ def prepare(args) -> Plan:
                 print(f"resuming {resume} with a changed run config:\n  " + "\n  ".join(diffs), file=sys.stderr)
     elif checkpoint.complete_tags(out_dir / "checkpoints"):
         raise ConfigError(f"out_dir {out_dir} already has checkpoints: pass --resume to continue, or another out_dir")
-    return Plan(run, model, ds, out_dir, corpora[0], corpora[1], tokenizer, resume)
+    return Plan(run, model, ds, out_dir, corpora[0], corpora[1], tokenizer, resume, relayout)
 
 
 # ---------------------------------------------------------------------------------------------------- signals
@@ -217,6 +218,10 @@ class Trainer:
                                 checkpointing.every(self.train.activation_checkpointing))
         if self.run_cfg.init_from and plan.resume is None:
             eng.load_init(model, self.run_cfg.init_from, plan.model, self.groups)
+        if plan.relayout:
+            from ofa_ds.train import universal
+
+            eng.load_weights(model, universal.read_weights(plan.resume) if self.rank == 0 else None, self.groups)
         if self.groups.pp_size > 1:
             model = eng.as_pipeline(model, plan.ds, self.groups, len(self.tasks))
         self.engine = eng.initialize(model, plan.ds, self.groups)
@@ -224,12 +229,16 @@ class Trainer:
         if plan.resume is not None:
             from ofa_ds.train import checkpoint
 
-            meta = checkpoint.load(self.engine, plan.resume)
+            if plan.relayout:
+                universal.load_optimizer_states(self.engine, plan.resume, self.groups, plan.model)
+                meta = checkpoint.read_meta(plan.resume)
+            else:
+                meta = checkpoint.load(self.engine, plan.resume)
             self.step, self.consumed = meta["step"], meta["consumed_samples"]
-        else:
+        if plan.resume is None or plan.relayout:
             # dropout streams differ between data-parallel ranks and agree within a TP group (whose activations
-            # outside the split layers are replicated)
-            seed = self.train.seed + 1000 * self.dp_rank
+            # outside the split layers are replicated); another layout's streams cannot be carried over
+            seed = self.train.seed + 1000 * self.dp_rank + 1_000_003 * self.step
             torch.manual_seed(seed)
             random.seed(seed)
             np.random.seed(seed)
@@ -439,7 +448,8 @@ class Trainer:
             ("batch", f"{t.global_batch} VL rows/update = {t.micro_batch} per rank x {self.dp} data-parallel rank(s) x "
                       f"{t.accumulation(self.dp)} accumulation (each row: 2 v1 examples; 8th rows add 4 v2)"),
             ("schedule", f"{t.steps} updates, warmup {int(t.warmup_ratio * t.steps)}, decay power {t.lr_power} to "
-                         f"{t.end_lr}" + (f", resuming at {self.step} from {p.resume}" if p.resume else "")
+                         f"{t.end_lr}" + (f", resuming at {self.step} from {p.resume}" + (" (universal)" if p.relayout else "")
+                                            if p.resume else "")
                          + (f", init from {p.run.init_from}" if p.run.init_from and not p.resume else "")),
             ("data", data + f"; tokenizer {d.tokenizer} (V={p.tokenizer.vocab_size})"),
             ("flops", f"~{one_row / 1e9:.2f} GFLOP per VL row (analytic); peak "
