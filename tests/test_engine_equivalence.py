@@ -61,6 +61,16 @@ def single_process_training(run_dir):
     return losses, model.state_dict()
 
 
+def assert_same_weights(a: dict, b: dict, names: list[str], lrs) -> None:
+    """Equal within 1e-5, except where AdamW amplifies rounding: an entry whose gradient is at rounding level (a
+    k-projection bias, which softmax ignores; conv weights along directions batch-mode BatchNorm removes) moves by up
+    to lr per update in a direction set by the rounding, which the order of a reduction changes. So: at most 1 in
+    10^4 entries beyond 1e-5 (on one AMD EPYC: 130 of 20M), and none beyond two runs' opposite updates."""
+    diffs = torch.cat([(a[k].double() - b[k].double()).abs().flatten() for k in names])
+    assert float((diffs > 1e-5).double().mean()) < 1e-4, int((diffs > 1e-5).sum())
+    assert float(diffs.max()) <= 2 * sum(lrs), float(diffs.max())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["default", "partitioned"])
 def test_two_rank_zero3_equals_single_process(variant, tmp_path_factory):
@@ -79,8 +89,7 @@ def test_two_rank_zero3_equals_single_process(variant, tmp_path_factory):
     # Parameters; BatchNorm running statistics are per rank (rank 0's are saved) while the single process saw both
     # ranks' micro-batches.
     params = [k for k in live if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
-    worst = max(float((live[k].double() - weights[k].double()).abs().max()) for k in params)
-    assert worst <= 1e-5, worst
+    assert_same_weights(live, weights, params, H.metrics(ref / "run", "train/lr").values())
     init = load_safetensors(ref / "init.safetensors")[1]
     moved = max(float((live[k].double() - init[k].double()).abs().max()) for k in params)
     assert moved > 1e-4  # trained weights: the updates (lr 1e-4 decaying to 0) moved them by up to 1.5e-4
