@@ -43,7 +43,7 @@ setup(
     name="ofa-ds",
     version="0.1.0",
     description="OFA unified multimodal seq2seq pretraining with DeepSpeed: ZeRO, Megatron TP, pipeline stages",
-    packages=find_packages(include=["ofa_ds", "ofa_ds.*", "data_tools"]),
+    packages=find_packages(include=["ofa_ds", "ofa_ds.*", "data_tools", "benchmarks"]),
     package_data={"ofa_ds": ["assets/ofa_bpe/*", "assets/sample_images/*"]},
     python_requires=">=3.10",
     install_requires=[
@@ -62,7 +62,7 @@ setup(
         "simplejpeg",
         "pyyaml",
     ],
-    extras_require={"test": ["pytest", "pytest-timeout"], "bench": ["scikit-image"]},
+    extras_require={"test": ["pytest", "pytest-timeout", "matplotlib"], "bench": ["scikit-image", "matplotlib"]},
     entry_points={"console_scripts": ["ofa-ds=ofa_ds.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -407,7 +407,7 @@ def demand(rows_per_cpu_s: float) -> dict:
     from ofa_ds.train.metrics import GPU_PEAK_TFLOPS
 
     # per 8 rows: v1 16 examples (196 of 576 patches, src 40, tgt 24); v2 text/image infilling + detection
-    shapes = [StreamShape(16, 384, 196, 40, 24), StreamShape(4, 256, 256, 80, 264)]
+    shapes = [StreamShape(16, 384, 196, 40, 24, images=8), StreamShape(4, 256, 256, 80, 264)]
     out = {}
     for preset in ("ofa_base", "ofa_large", "ofa_huge"):
         flops_per_row = train_flops(model_preset(preset), shapes) / MICRO_BATCH

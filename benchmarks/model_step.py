@@ -2,11 +2,14 @@
 
     python benchmarks/model_step.py --preset ofa_tiny --batch 2 --attn reference,sdpa
     python benchmarks/model_step.py --preset ofa_base --batch 8 --image-size 384 --attn sdpa,triton   # on a GPU
+    python benchmarks/model_step.py --preset ofa_base --batch 2 --shared 2 --attn sdpa   # a VL row's two examples
 
 The batch is one v1-style stream: `--batch` samples with an image of `--image-size` px (of which `--patches`
-are kept, as OFA's patch sampling; -1 keeps all), `--src-len` text tokens and `--tgt-len` target tokens. Each
-backend runs in its own process so peak memory (CUDA: max allocated; CPU: peak RSS above the model's
-resident baseline) is not shared between them.
+are kept, as OFA's patch sampling; -1 keeps all), `--src-len` text tokens and `--tgt-len` target tokens; with
+`--shared k` every k examples share one image (image_index), as the loader's v1 streams (k = 2) reach the model.
+Each backend runs in its own process so peak memory (CUDA: max allocated; CPU: peak RSS above the model's
+resident baseline) is not shared between them. FLOPs are flops.py's count of the step; the GEMM rate is a 2048^3
+fp32 matmul's on the same device and threads, for comparison.
 """
 from __future__ import annotations
 
@@ -27,11 +30,27 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+def gemm_rate(dev) -> float:
+    """FLOP/s of a 2048 x 2048 x 2048 fp32 matmul (median of 5, after a warm-up)."""
+    import torch
+
+    m = torch.randn(2048, 2048, device=dev)
+    times = []
+    for _ in range(6):
+        t = time.perf_counter()
+        torch.mm(m, m)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return 2 * 2048**3 / statistics.median(times[1:])
+
+
 def measure(a) -> dict:
     import torch
 
     from ofa_ds.config import model_preset
     from ofa_ds.model.ofa import OFAModel
+    from ofa_ds.train.flops import stream_shape, train_flops
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
@@ -44,9 +63,11 @@ def measure(a) -> dict:
     stream = {
         "src_tokens": torch.randint(4, 50000, (B, a.src_len), generator=g),
         "prev_output_tokens": torch.randint(4, 50000, (B, a.tgt_len), generator=g),
-        "patch_images": torch.randn(B, 3, R, R, generator=g),
+        "patch_images": torch.randn(B // a.shared, 3, R, R, generator=g),
         "patch_masks": torch.ones(B, dtype=torch.bool),
     }
+    if a.shared > 1:
+        stream["image_index"] = torch.arange(B) // a.shared
     if 0 < a.patches < grid:
         stream["patch_idx"] = torch.stack([torch.randperm(grid, generator=g)[:a.patches] for _ in range(B)])
     stream = {k: v.to(dev) for k, v in stream.items()}
@@ -72,10 +93,13 @@ def measure(a) -> dict:
         times.append(time.perf_counter() - t)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base)
+    median = statistics.median(times)
+    flops = train_flops(cfg, [stream_shape(stream)])
     return {"preset": a.preset, "attn": a.one, "device": dev.type, "dtype": a.dtype, "batch": B, "image_size": R,
-            "patches": a.patches if 0 < a.patches < grid else grid, "src_len": a.src_len, "tgt_len": a.tgt_len,
-            "threads": torch.get_num_threads(), "params": model.num_parameters(),
-            "step_s_median": statistics.median(times), "step_s_all": times,
+            "images": B // a.shared, "patches": a.patches if 0 < a.patches < grid else grid, "src_len": a.src_len,
+            "tgt_len": a.tgt_len, "threads": torch.get_num_threads(), "params": model.num_parameters(),
+            "step_s_median": median, "step_s_all": times, "step_flops": flops, "flops_per_s": flops / median,
+            "gemm_flops_per_s": gemm_rate(dev),
             "peak_mem_mb": round(peak, 1), "peak_mem_kind": "cuda max allocated" if dev.type == "cuda"
             else "peak RSS above the resident model (includes the first steps' allocator growth)"}
 
@@ -88,6 +112,7 @@ def main() -> None:
     p.add_argument("--patches", type=int, default=196)
     p.add_argument("--src-len", type=int, default=40)
     p.add_argument("--tgt-len", type=int, default=24)
+    p.add_argument("--shared", type=int, default=1, help="examples per image (divides --batch)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--attn", default="reference,sdpa", help="comma-separated attention backends")

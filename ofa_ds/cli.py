@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("ofa_ds.train.pretrain", "pretrain OFA with DeepSpeed (run under deepspeed/torchrun, or alone for one process)"),
     "export": ("ofa_ds.train.export", "export a (ZeRO) checkpoint to consolidated safetensors and/or an OFA checkpoint"),
     "to-universal": ("ofa_ds.train.universal", "write a checkpoint's layout-free form, to resume it at another parallel layout"),
+    "bench": ("benchmarks.throughput", "throughput of the real training step of a run config (run under deepspeed)"),
+    "plan": ("ofa_ds.plan.planner", "the parallel layouts that fit a model on a cluster, with memory and step time"),
     "env": ("ofa_ds.train.env", "report versions, accelerator, distributed backend and compiled extensions"),
 }
 

@@ -4,6 +4,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ofa_ds.config import ModelConfig
+from ofa_ds.data.collate import model_inputs
 from ofa_ds.model.ofa import OFAModel
 from ofa_ds.train.flops import StreamShape, resnet_flops, stream_shape, train_flops
 
@@ -49,3 +50,25 @@ def test_flops_add_up_over_streams_and_samples():
     s = StreamShape(batch=2, image_size=32, patches=4, src_len=8, tgt_len=8)
     one = train_flops(cfg, [s])
     assert train_flops(cfg, [s, s]) == train_flops(cfg, [s._replace(batch=4)]) == 2 * one
+
+
+def test_resnet_counts_each_distinct_image_once():
+    """A loader stream whose examples share images: the analytic count of its shape (the ResNet once per distinct
+    image) against the flop counter on the model running model_inputs; an image per example would count 5 ResNet
+    passes for 2."""
+    cfg = ModelConfig(**CFG, bn_mode="frozen")
+    model = OFAModel(cfg)
+    g = torch.Generator().manual_seed(0)
+    stream = {"src_tokens": torch.randint(4, 300, (5, 16), generator=g),
+              "prev_output_tokens": torch.randint(4, 300, (5, 8), generator=g),
+              "patch_images": torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8, generator=g),
+              "image_index": torch.tensor([1, 1, 0, 2, 2]),
+              "patch_masks": torch.tensor([True, True, False, True, True]),
+              "patch_holes": torch.zeros(5, 4, dtype=torch.long), "code_masks": torch.zeros(5, dtype=torch.bool)}
+    x = model_inputs(stream, "cpu", torch.float32)
+    with FlopCounterMode(display=False) as counter:
+        model(x).float().logsumexp(-1).mean().backward()
+    shape = stream_shape(stream)
+    assert shape.images == 2 and stream_shape(x) == shape
+    assert abs(train_flops(cfg, [shape]) / counter.get_total_flops() - 1) < 0.05
+    assert abs(train_flops(cfg, [shape._replace(images=None)]) / counter.get_total_flops() - 1) > 0.5

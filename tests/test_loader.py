@@ -76,20 +76,40 @@ def test_stream_format(tok, corpus):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_model_inputs_normalise_as_torchvision(tok, corpus, dtype):
-    """uint8 pixels -> ToTensor + Normalize(0.5, 0.5) exactly, then the model's dtype; no-image examples and the
-    image infilling hole are 0, as OFA's collate gives them."""
+    """uint8 pixels -> ToTensor + Normalize(0.5, 0.5) exactly, then the model's dtype; the image infilling hole is
+    0, as OFA's collate gives it. The model gets the images of the examples that have one (not the text examples'
+    zero image), each (image, hole) once."""
     v2 = next(iter(build_loader(corpus, tok, CFG, dp_rank=0, dp_size=1, micro_batch=8, num_workers=0)))["v2"]
     x = model_inputs(v2, "cpu", dtype)
-    assert x.keys() == v2.keys() - {"patch_holes", "image_index"}
-    assert all(torch.equal(x[k], v2[k]) for k in x if k != "patch_images")
-    per_example = v2["patch_images"][v2["image_index"]]  # (4, 3, 32, 32)
-    expected = (per_example.float() / 255 - 0.5) / 0.5  # torchvision: to_tensor's div, normalize's sub, div
-    expected[:2] = 0  # text infilling: no image
-    expected[2, :, 8:24, 8:24] = 0  # the infilling hole
+    assert x.keys() == v2.keys() - {"patch_holes"}
+    assert all(torch.equal(x[k], v2[k]) for k in x if k not in ("patch_images", "image_index"))
+    # examples: two text infilling (row 0, no image), image infilling (row 1, hole), detection (row 2)
+    expected = (v2["patch_images"][1:].float() / 255 - 0.5) / 0.5  # torchvision: to_tensor's div, normalize's sub, div
+    expected[0, :, 8:24, 8:24] = 0  # the infilling hole
     assert x["patch_images"].dtype == dtype and torch.equal(x["patch_images"], expected.to(dtype))
-    assert torch.equal(x["patch_images"][2, :, 0, 0], ((torch.tensor([0.0, 100.0, 50.0]) / 255 - 0.5) / 0.5).to(dtype))
+    assert x["image_index"].tolist()[2:] == [0, 1]  # the text examples' rows are padding: any row
+    assert torch.equal(x["patch_images"][0, :, 0, 0], ((torch.tensor([0.0, 100.0, 50.0]) / 255 - 0.5) / 0.5).to(dtype))
     with pytest.raises(TypeError, match="uint8"):  # already-normalised images would be scaled twice
         model_inputs({**v2, "patch_images": x["patch_images"]}, "cpu", dtype)
+
+
+def test_model_inputs_one_image_per_distinct_image_and_hole():
+    """A v1 stream's VL rows give one image per row; the same image with another hole is another image; a stream
+    without any image keeps one image, all 0."""
+    pixels = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
+    hole = [2, 3, 10, 12]
+    stream = {"src_tokens": torch.ones(5, 8, dtype=torch.long), "patch_images": pixels,
+              "image_index": torch.tensor([1, 1, 2, 2, 1]), "patch_masks": torch.ones(5, dtype=torch.bool),
+              "patch_holes": torch.tensor([[0] * 4, [0] * 4, [0] * 4, [0] * 4, hole])}
+    x = model_inputs(stream, "cpu", torch.float32)
+    normalised = (pixels.float() / 255 - 0.5) / 0.5
+    with_hole = normalised[1].clone()
+    with_hole[:, 3:12, 2:10] = 0  # rows y0:y1, columns x0:x1
+    assert x["image_index"].tolist() == [0, 0, 2, 2, 1]
+    assert torch.equal(x["patch_images"], torch.stack([normalised[1], with_hole, normalised[2]]))
+    text_only = model_inputs({**stream, "patch_masks": torch.zeros(5, dtype=torch.bool)}, "cpu", torch.float32)
+    assert text_only["patch_images"].shape == (1, 3, 16, 16) and text_only["patch_images"].eq(0).all()
+    assert text_only["image_index"].tolist() == [0] * 5
 
 
 def test_v2_is_none_without_extras(tok, corpus):

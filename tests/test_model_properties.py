@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from ofa_ds.config import ModelConfig
+from ofa_ds.data.collate import model_inputs
 from ofa_ds.model.convert import CheckpointError, load_strict
 from ofa_ds.model.ofa import OFAModel
 
@@ -94,6 +95,40 @@ def test_patch_sampling_keeps_positions(model):
     with torch.no_grad():  # a subset: K tokens, positions of the chosen patches
         sub = model.encode(s["src_tokens"], s["patch_images"], s["patch_masks"], patch_idx=perm[:, :5])
     assert sub.x.shape[1] == 5 + s["src_tokens"].shape[1]
+
+
+@pytest.mark.parametrize("masks", [[True, True, True, False, True], [False] * 5], ids=["mixed", "text_only"])
+def test_shared_images_equal_an_image_per_example(masks):
+    """With frozen BatchNorm, the ResNet once per distinct image (model_inputs' image_index) gives the loss, logits and
+    gradients of an image per example (the model's input before image_index, built here by hand). Examples 0 and 1
+    share an image, 2 has it with a hole, 3 has no image, 4 another image; or no example has an image."""
+    torch.manual_seed(0)
+    model = OFAModel(small(bn_mode="frozen")).train()
+    s = batch(B=5, R=64)  # 4x4 = 16 patches
+    g = torch.Generator().manual_seed(2)
+    pixels = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8, generator=g)
+    pixels[0] = 0  # the loader's zero image of examples without one
+    stream = {**s, "patch_images": pixels, "image_index": torch.tensor([1, 1, 1, 0, 2]),
+              "patch_masks": torch.tensor(masks), "patch_holes": torch.zeros(5, 4, dtype=torch.long),
+              "patch_idx": torch.stack([torch.randperm(16, generator=g)[:10] for _ in range(5)])}
+    stream["patch_holes"][2] = torch.tensor([16, 8, 48, 40])  # x0, y0, x1, y1
+    per_example = (pixels[stream["image_index"]].float() / 255 - 0.5) / 0.5  # (5, 3, 64, 64)
+    per_example[2, :, 8:40, 16:48] = 0
+    per_example[~stream["patch_masks"]] = 0
+    x = model_inputs(stream, "cpu", torch.float32)
+    assert x["patch_images"].shape[0] == (3 if any(masks) else 1)
+    reference = {k: v for k, v in x.items() if k != "image_index"}
+    reference["patch_images"] = per_example
+    results = []
+    for inputs in (x, reference):
+        model.zero_grad()
+        logits = model(inputs)
+        loss = logits.logsumexp(-1).mean()
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.encoder.embed_images.parameters()])
+        results.append((logits.detach(), loss.detach(), grads))
+    for got, want in zip(*results):
+        assert (got - want).abs().max() <= 1e-6 * want.abs().max()
 
 
 def test_every_parameter_trains():

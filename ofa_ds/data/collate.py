@@ -9,10 +9,10 @@
     code_masks (B,) bool, weights (B,) float, task_ids (B,) long
     patch_idx (B, K) long: only when the examples carry a patch sample (v1 with sample_patch_num < patches)
 
-Images travel as uint8, each distinct image once, and are normalised and gathered per example where the model
-runs (`model_inputs`): an eighth of the bytes of float32 images per example through the loader workers' shared
-memory (whose page faults cost the workers more than the copies) and the host-to-device copy, and no float work in
-the workers.
+Images travel as uint8, each distinct image once, and are normalised where the model runs (`model_inputs`): an
+eighth of the bytes of float32 images per example through the loader workers' shared memory (whose page faults cost
+the workers more than the copies) and the host-to-device copy, and no float work in the workers. The model gets
+them still shared (image_index), so its ResNet runs once per distinct image.
 """
 from __future__ import annotations
 
@@ -73,23 +73,42 @@ def collate(examples: list[Example], image_size: int, pad: int) -> dict[str, tor
     return stream
 
 
+def distinct_images(stream: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images the model's ResNet runs on: keys (N', 5) long, each (row of patch_images, hole x0, y0, x1, y1),
+    one per distinct (image, hole) pair of the examples with an image (patch_masks), and each example's index (B,)
+    into them. An example without an image points at key 0 (its patches are padding); a stream without any image
+    keeps one image blanked whole, so that its encoder sequence keeps the image positions."""
+    has_image = stream["patch_masks"]  # (B,)
+    keys = torch.cat([stream["image_index"][:, None], stream["patch_holes"]], 1)  # (B, 5)
+    index = torch.zeros_like(stream["image_index"])
+    if not bool(has_image.any()):
+        r = stream["patch_images"].shape[-1]
+        return keys.new_tensor([[0, 0, 0, r, r]]), index
+    keys, inverse = torch.unique(keys[has_image], dim=0, return_inverse=True)  # (N', 5), (examples with one,)
+    index[has_image] = inverse
+    return keys, index
+
+
 def model_inputs(stream: dict[str, torch.Tensor], device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """A loader Stream on `device` as the model takes it: one (B, 3, R, R) image per example, normalised as OFA's
-    ToTensor + Normalize(0.5, 0.5) (bit for bit, in float32) and then cast to `dtype`; images without patch_mask
-    and the holes are 0 after normalisation."""
+    """A loader Stream on `device` as the model takes it: patch_images (N', 3, R, R), the distinct images of
+    `distinct_images` with their holes, normalised as OFA's ToTensor + Normalize(0.5, 0.5) (bit for bit, in float32)
+    and then cast to `dtype`, the holes 0 after normalisation; image_index (B,) each example's row of them."""
     if stream["patch_images"].dtype != torch.uint8:
         raise TypeError(f"patch_images are {stream['patch_images'].dtype}; model_inputs takes the loader's uint8 "
                         "pixels")
-    skip = ("patch_holes", "image_index")
+    keys, index = distinct_images(stream)
+    skip = ("patch_images", "patch_holes", "image_index")
     out = {k: v.to(device, non_blocking=True) for k, v in stream.items() if k not in skip}
-    index = stream["image_index"].to(device, non_blocking=True)
-    x = out["patch_images"][index].float().div_(255).sub_(0.5).div_(0.5)  # (B, 3, R, R)
+    keys = keys.to(device, non_blocking=True)
+    images = stream["patch_images"].to(device, non_blocking=True)  # (N, 3, R, R) uint8
+    x = images[keys[:, 0]].float().div_(255).sub_(0.5).div_(0.5)  # (N', 3, R, R)
     r = torch.arange(x.shape[-1], device=x.device)
-    x0, y0, x1, y1 = stream["patch_holes"].to(device, non_blocking=True).unbind(1)  # (B,) each
-    rows = (r >= y0[:, None]) & (r < y1[:, None])  # (B, R)
-    cols = (r >= x0[:, None]) & (r < x1[:, None])  # (B, R)
-    blank = (rows[:, :, None] & cols[:, None, :]) | ~out["patch_masks"][:, None, None]  # (B, R, R)
-    out["patch_images"] = x.masked_fill_(blank[:, None], 0).to(dtype)
+    x0, y0, x1, y1 = keys[:, 1:].unbind(1)  # (N',) each
+    rows = (r >= y0[:, None]) & (r < y1[:, None])  # (N', R)
+    cols = (r >= x0[:, None]) & (r < x1[:, None])  # (N', R)
+    hole = rows[:, :, None] & cols[:, None, :]  # (N', R, R)
+    out["patch_images"] = x.masked_fill_(hole[:, None], 0).to(dtype)
+    out["image_index"] = index.to(device, non_blocking=True)
     return out
 
 

@@ -53,15 +53,20 @@ class Encoder(nn.Module):
         self.layer_norm = layer_norm(d)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def embed_image(self, patch_images, patch_masks, patch_idx):
-        """Patch embeddings (B, K, D), padding (B, K), position ids (B, K) for the kept patches."""
-        feats = self.embed_images(patch_images)  # (B, 1024, h, w)
-        B, _, h, w = feats.shape
+    def embed_image(self, patch_images, patch_masks, patch_idx, image_index=None):
+        """Patch embeddings (B, K, D), padding (B, K), position ids (B, K) for the kept patches. patch_images are
+        an image per example, or with image_index (B,) (each example's row) the distinct images examples share,
+        which the ResNet then sees once each."""
+        feats = self.embed_images(patch_images)  # (N, 1024, h, w)
+        _, _, h, w = feats.shape
         n = self.cfg.image_bucket_size
         if h > n or w > n:
             raise ValueError(f"image of {patch_images.shape[-2]}x{patch_images.shape[-1]} px gives a {h}x{w} patch "
                              f"grid; the position grid allows at most {n}x{n} ({16 * n} px)")
-        feats = feats.flatten(2).transpose(1, 2)  # (B, P, 1024)
+        feats = feats.flatten(2).transpose(1, 2)  # (N, P, 1024)
+        if image_index is not None:
+            feats = feats[image_index]  # (B, P, 1024)
+        B = feats.shape[0]
         ids = image_position_ids(h, w, n, feats.device).expand(B, h * w)
         if patch_idx is not None:  # patch sampling: keep K patches per sample, with their own positions
             feats = feats.gather(1, patch_idx[:, :, None].expand(-1, -1, feats.shape[2]))
@@ -73,15 +78,16 @@ class Encoder(nn.Module):
         return self.dropout(self.patch_layernorm_embedding(x)), pad, ids
 
     def forward(self, embed_tokens: nn.Embedding, text_lut, src_tokens, patch_images=None, patch_masks=None,
-                patch_idx=None) -> EncoderOut:
-        s = self.embed(embed_tokens(src_tokens), src_tokens, patch_images, patch_masks, patch_idx)
+                patch_idx=None, image_index=None) -> EncoderOut:
+        s = self.embed(embed_tokens(src_tokens), src_tokens, patch_images, patch_masks, patch_idx, image_index)
         rel = RelPos(s.kind, s.pos_ids, s.kind, s.pos_ids, None, None, text_lut, self.cfg.image_bucket_size)
         x, pad = s.x, (s.pad if bool(s.pad.any()) else None)
         for layer in self.layers:
             x = layer(x, s.pos_q, s.pos_k, pad, rel)
         return EncoderOut(self.layer_norm(x), s.pad, s.pos)
 
-    def embed(self, tokens, src_tokens, patch_images=None, patch_masks=None, patch_idx=None) -> "EncoderIn":
+    def embed(self, tokens, src_tokens, patch_images=None, patch_masks=None, patch_idx=None,
+              image_index=None) -> "EncoderIn":
         """The layers' inputs: everything before the first layer. tokens (B, L, D): src_tokens' embeddings."""
         cfg = self.cfg
         B, L = src_tokens.shape
@@ -95,7 +101,7 @@ class Encoder(nn.Module):
         kind = torch.full((B, L), KIND_TEXT, dtype=torch.int8, device=src_tokens.device)
         pos_ids = text_pos_ids
         if patch_images is not None:
-            img, img_pad, ids = self.embed_image(patch_images, patch_masks, patch_idx)
+            img, img_pad, ids = self.embed_image(patch_images, patch_masks, patch_idx, image_index)
             x = torch.cat([img.to(x.dtype), x], dim=1)
             pad = torch.cat([img_pad, pad], dim=1)
             pos = torch.cat([self.image_pos_ln(self.embed_image_positions(ids)), pos], dim=1)
@@ -191,8 +197,9 @@ class OFAModel(nn.Module):
         self.decoder = Decoder(cfg)
         self.register_buffer("text_lut", text_bucket_lut(cfg.token_bucket_size, cfg.max_positions), persistent=False)
 
-    def encode(self, src_tokens, patch_images=None, patch_masks=None, patch_idx=None) -> EncoderOut:
-        return self.encoder(self.embed_tokens, self.text_lut, src_tokens, patch_images, patch_masks, patch_idx)
+    def encode(self, src_tokens, patch_images=None, patch_masks=None, patch_idx=None, image_index=None) -> EncoderOut:
+        return self.encoder(self.embed_tokens, self.text_lut, src_tokens, patch_images, patch_masks, patch_idx,
+                            image_index)
 
     def decode(self, prev_output_tokens, enc: EncoderOut, code_masks=None):
         x = self.decoder(self.embed_tokens, self.text_lut, prev_output_tokens, enc, code_masks)
@@ -200,7 +207,7 @@ class OFAModel(nn.Module):
 
     def forward(self, stream: dict) -> torch.Tensor:
         enc = self.encode(stream["src_tokens"], stream.get("patch_images"), stream.get("patch_masks"),
-                          stream.get("patch_idx"))
+                          stream.get("patch_idx"), stream.get("image_index"))
         return self.decode(stream["prev_output_tokens"], enc, stream.get("code_masks"))
 
     def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:

@@ -47,7 +47,7 @@ class TokenEmbedding(nn.Module):
         self.embed = embed
 
     def forward(self, inputs):
-        src_tokens, patch_images, patch_masks, patch_idx, prev_output_tokens, code_masks = inputs
+        src_tokens, patch_images, patch_masks, patch_idx, image_index, prev_output_tokens, code_masks = inputs
         return _boundary(self.embed(src_tokens), self.embed(prev_output_tokens), *inputs)
 
 
@@ -69,9 +69,9 @@ class EncoderInput(nn.Module):
                 setattr(self, name, m)
 
     def forward(self, inputs):
-        src, tgt, src_tokens, patch_images, patch_masks, patch_idx, prev_output_tokens, code_masks = inputs
+        src, tgt, src_tokens, patch_images, patch_masks, patch_idx, image_index, prev_output_tokens, code_masks = inputs
         sample = None if bool((patch_idx == NO_PATCH_SAMPLE).all()) else patch_idx
-        s = self.embed(src, src_tokens, patch_images, patch_masks, sample)
+        s = self.embed(src, src_tokens, patch_images, patch_masks, sample, image_index)
         return _boundary(s.x, s.pad, s.pos, s.pos_q, s.pos_k, s.kind, s.pos_ids, tgt, prev_output_tokens, code_masks)
 
 
@@ -183,13 +183,14 @@ def pipeline_module(model: OFAModel, groups: Groups, loss_fn, partition: str, ch
 
 
 def stream_inputs(x: dict) -> tuple:
-    """A stream (model_inputs) as the first stage's input tuple; a stream without patch sampling gets the
-    NO_PATCH_SAMPLE placeholder."""
+    """A stream (model_inputs: distinct images and image_index) as the first stage's input tuple; a stream without
+    patch sampling gets the NO_PATCH_SAMPLE placeholder."""
     idx = x.get("patch_idx")
     if idx is None:
         src = x["src_tokens"]
         idx = torch.full((src.shape[0], 1), NO_PATCH_SAMPLE, dtype=torch.long, device=src.device)
-    return (x["src_tokens"], x["patch_images"], x["patch_masks"], idx, x["prev_output_tokens"], x["code_masks"])
+    return (x["src_tokens"], x["patch_images"], x["patch_masks"], idx, x["image_index"], x["prev_output_tokens"],
+            x["code_masks"])
 
 
 __all__ = ["NO_PATCH_SAMPLE", "TokenEmbedding", "EncoderInput", "EncoderLayer", "DecoderInput", "DecoderLayer",

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -334,9 +335,12 @@ def nll_function(groups: Groups):
 
 
 def train_step(engine, micro_batches: list[dict], *, model_cfg: ModelConfig, num_tasks: int,
-               groups: Groups) -> StepStats:
+               groups: Groups, times: dict | None = None) -> StepStats:
     """One optimizer update over this rank's micro-batches (forward v1 and v2, backward, DeepSpeed step). The ranks
-    of a TP group see the same micro-batches and compute the same loss; sums run over the data-parallel group."""
+    of a TP group see the same micro-batches and compute the same loss; sums run over the data-parallel group.
+    With `times` (the benchmark's), the accelerator is synchronised around each phase and its seconds are added
+    under "forward", "backward", "optimizer" (a pipeline's schedule: "pipeline"); each stream's forward-to-backward
+    span is appended to times["streams"] as (start, end) in time.time_ns()."""
     pad, dp, nll_fn = model_cfg.pad_id, groups.dp_size, nll_function(groups)
     device, dtype = engine.device, _compute_dtype(engine)
     # Global token counts first: every micro-batch's loss is normalised by them (loss.py).
@@ -351,8 +355,10 @@ def train_step(engine, micro_batches: list[dict], *, model_cfg: ModelConfig, num
     if groups.pp_size > 1:
         from ofa_ds.train import pipe_step
 
+        t = _lap(times)
         parts, tasks = pipe_step.train_step(engine, micro_batches, model_cfg=model_cfg, num_tasks=num_tasks,
                                             groups=groups, head=head, dtype=dtype)
+        _lap(times, "pipeline", t)
         return StepStats(loss=float(parts.sum()), stream_loss=parts.tolist(), task_nll=tasks, tokens=n_tokens.tolist(),
                          examples=float(head[2]), flops=float(head[3]))
 
@@ -362,18 +368,36 @@ def train_step(engine, micro_batches: list[dict], *, model_cfg: ModelConfig, num
     # reaches ZeRO once per backward (also under reentrant activation checkpointing). DeepSpeed is told which backward
     # ends the update (its own count assumes one backward per micro-batch); one step() applies it.
     streams = [(b[s], i) for b in micro_batches for i, s in enumerate(STREAMS) if b.get(s) is not None]
+    t = _lap(times)
     for n, (stream, i) in enumerate(streams):
+        begin = time.time_ns()
         engine.set_gradient_accumulation_boundary(n == len(streams) - 1)
         x = model_inputs(stream, device, dtype)
         nll = nll_fn(engine(x), x["target"], pad)
         share = stream_share(nll, x["weights"], n_tokens[i])
+        t = _lap(times, "forward", t)
         engine.backward(share * dp, scale_wrt_gas=False)
+        t = _lap(times, "backward", t)
+        if times is not None:
+            times.setdefault("streams", []).append((begin, time.time_ns()))
         parts[i] += share.detach().double()
         tasks += task_sums(nll, x, num_tasks, pad)
     engine.step()
+    _lap(times, "optimizer", t)
     tail = _all_reduce(torch.cat([parts, tasks.flatten()]), device, groups.dp_group)
     return StepStats(loss=float(tail[:2].sum()), stream_loss=tail[:2].tolist(), task_nll=tail[2:].view(2, num_tasks),
                      tokens=n_tokens.tolist(), examples=float(head[2]), flops=float(head[3]))
+
+
+def _lap(times: dict | None, phase: str | None = None, since: float = 0.0) -> float:
+    """Now (after the accelerator's queued work), adding the seconds since `since` to times[phase]."""
+    if times is None:
+        return 0.0
+    get_accelerator().synchronize()
+    now = time.perf_counter()
+    if phase is not None:
+        times[phase] = times.get(phase, 0.0) + now - since
+    return now
 
 
 @torch.no_grad()

@@ -3,7 +3,8 @@
 Counts what `torch.utils.flop_counter` counts: matmuls and convolutions (2 FLOPs per multiply-add), not
 norms, softmax, activations or gathers. A training step is forward + backward; backward costs twice the
 forward (input and weight gradients) except for the stem convolution, whose input (the image) needs no
-gradient. Recomputation is not counted: this is the "model FLOPs" of MFU.
+gradient. Recomputation is not counted: this is the "model FLOPs" of MFU. The ResNet counts once per image it
+runs on: examples that share an image (a VL row's two) share its ResNet pass.
 
 Attention counts the full (B, H, Tq, Tk) score matrix, causal or not, with q/k widened by the absolute-
 position channels (`[q, q_pos] . [k, k_pos]`: 2 * head_dim per head).
@@ -12,7 +13,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
+
 from ofa_ds.config import ModelConfig
+from ofa_ds.data.collate import distinct_images
 
 RESNET_OUT = 1024
 PATCH = 16
@@ -24,14 +28,18 @@ class StreamShape(NamedTuple):
     patches: int  # image tokens per sample entering the encoder (K when patches are sampled)
     src_len: int  # L
     tgt_len: int  # T
+    images: int | None = None  # images the ResNet runs on (distinct ones shared by examples); None: one per example
 
 
 def stream_shape(stream: dict) -> StreamShape:
-    """Of a loader Stream (distinct images + image_index) or model inputs (an image per example)."""
-    b, r = stream["src_tokens"].shape[0], stream["patch_images"].shape[-1]
+    """Of a loader Stream (uint8 images: the ResNet will run on its `distinct_images`) or model inputs (float
+    images, each of which the ResNet runs on: an image per example, or model_inputs' distinct images)."""
+    images = stream["patch_images"]
+    b, r = stream["src_tokens"].shape[0], images.shape[-1]
+    n = distinct_images(stream)[0].shape[0] if images.dtype == torch.uint8 else images.shape[0]
     idx = stream.get("patch_idx")
     patches = idx.shape[1] if idx is not None else (r // PATCH) ** 2
-    return StreamShape(b, r, patches, stream["src_tokens"].shape[1], stream["prev_output_tokens"].shape[1])
+    return StreamShape(b, r, patches, stream["src_tokens"].shape[1], stream["prev_output_tokens"].shape[1], n)
 
 
 def _conv(cin: int, cout: int, k: int, out_hw: int) -> int:
@@ -72,7 +80,8 @@ def forward_flops(cfg: ModelConfig, s: StreamShape) -> tuple[int, int]:
     d, f, V = cfg.embed_dim, cfg.ffn_dim, cfg.vocab_size
     B, S, T = s.batch, s.patches + s.src_len, s.tgt_len
     stem, rest = resnet_flops(cfg.resnet_layers, s.image_size)
-    stem, fl = B * stem, B * rest
+    n = B if s.images is None else s.images
+    stem, fl = n * stem, n * rest
     fl += _linear(B * s.patches, RESNET_OUT, d)  # image_proj
     # encoder: absolute-position q/k projections once per stack, then the layers
     fl += 2 * _linear(B * S, d, d)

@@ -92,7 +92,8 @@ class Plan:
     relayout: bool = False  # resume from its universal form (another layout or world size)
 
 
-def prepare(args) -> Plan:
+def prepare(args, data: bool = True) -> Plan:
+    """The run's plan, checked; without `data` (the benchmark's synthetic batches) no corpus or tokenizer."""
     from ofa_ds.data.shards import Corpus, CorpusError
     from ofa_ds.data.tokenizer import load_tokenizer
     from ofa_ds.train import checkpoint, universal
@@ -110,13 +111,15 @@ def prepare(args) -> Plan:
     check_accelerator(ds, run.deepspeed)
     corpora = []
     for key in ("corpus", "val_corpus"):
-        path = getattr(run, key)
+        path = getattr(run, key) if data else None
         try:
             corpora.append(None if path is None else Corpus(path))
         except CorpusError as e:
             raise ConfigError(f"{key}: {e}") from None
-    tokenizer = load_tokenizer(run.data.tokenizer, num_codes=run.data.num_codes, num_bins=run.data.num_bins,
-                               vocab_size=model.vocab_size)
+    tokenizer = None
+    if data:
+        tokenizer = load_tokenizer(run.data.tokenizer, num_codes=run.data.num_codes, num_bins=run.data.num_bins,
+                                   vocab_size=model.vocab_size)
     if run.init_from and not Path(run.init_from).is_file():
         raise ConfigError(f"init_from: {run.init_from} does not exist")
 
@@ -432,7 +435,7 @@ class Trainer:
             data += f"; validation {p.run.val_corpus}: {len(p.val_corpus.vl):,} VL rows"
         d = p.run.data
         one_row = train_flops(m, [StreamShape(2, d.image_size, d.sample_patch_num if d.sample_patch_num > 0 else
-                                              (d.image_size // 16) ** 2, 32, 16)])
+                                              (d.image_size // 16) ** 2, 32, 16, images=1)])
         rows = [
             ("model", f"{m.name}: {params:,} parameters, {here:,} on rank 0 before ZeRO (d={m.embed_dim}, {m.encoder_layers}+{m.decoder_layers} layers, "
                       f"{m.heads} heads, {m.resnet}, V={m.vocab_size}, bn {m.bn_mode})"),
