@@ -16,7 +16,8 @@ rows/s, source and target tokens/s, the median update time and its breakdown (da
 optimizer; a pipeline's schedule as one; communication is inside backward and optimizer, where DeepSpeed overlaps
 it), model TFLOP/s per device (train/flops.py's count over the measured time, the ResNet once per distinct image, no
 recompute) and MFU against the datasheet peak (A100/H100/H200) and against a GEMM measured on this device, and per
-rank: peak memory (CUDA: max allocated; CPU: peak RSS), the weight and optimizer bytes the rank holds, and with
+rank: peak memory (CUDA: max allocated; CPU: the process's peak RSS, which a sweep carries from point to point), the
+weight and optimizer bytes the rank holds, and with
 `--memory` the peak of memory allocated and freed within one stream's forward and backward (activations and
 transients; what stays allocated, such as gradients, is excluded), measured with torch's profiler.
 """

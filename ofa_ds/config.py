@@ -91,16 +91,34 @@ def _from_dict(cls, d: dict, where: str):
 def load_dict(path: str | Path) -> dict:
     """Read a JSON or YAML file into a dict."""
     path = Path(path)
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
     if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        d = yaml.safe_load(text)
+        d = parse_yaml(text, str(path))
     else:
-        d = json.loads(text)
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{e.lineno}:{e.colno}: {e.msg}") from None
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return d
+
+
+def parse_yaml(text: str, where: str):
+    """yaml.safe_load, a syntax error being one line: where:line:column: the problem."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        context = getattr(e, "context", None)
+        raise ConfigError(f"{where}{at}: YAML syntax: {problem}" + (f" ({context})" if context else "")) from None
 
 
 def save_dict(d: dict, path: str | Path) -> None:

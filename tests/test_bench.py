@@ -124,3 +124,19 @@ def test_planned_activations_match_the_measured_peak(checkpointing, tmp_path):
     planned = stream_activations(cfg, StreamShape(4, 64, 8, 32, 16, images=2),
                                  checkpoint_every=0 if checkpointing == "none" else 1)
     assert abs(planned / measured - 1) < 0.2, (planned, measured)
+
+
+@pytest.mark.slow
+def test_sweep_writes_a_result_per_point_and_a_plot(tmp_path, tmp_path_factory):
+    data = H.tiny_data(tmp_path_factory.getbasetemp() / "tiny_data")
+    run = H.write_run(tmp_path, data, train={"global_batch": 2, "micro_batch": 1})
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "ofa_ds.cli", "bench", str(run), "--out", str(out), "--warmup", "0", "--steps", "1",
+           "--sweep", "train.micro_batch=1,2"]
+    done = subprocess.run(cmd, env=H.env(), cwd=H.ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = [json.loads(f.read_text()) for f in sorted(out.glob("*.json"))]
+    assert [r["micro_batch"] for r in results] == [1, 2]
+    assert len(list(out.glob("*_sweep_micro_batch_*.png"))) == 1
+    bad = subprocess.run([*cmd[:-1], "train.micro_batch"], env=H.env(), cwd=H.ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "expected KEY=V1,V2" in bad.stderr and "Traceback" not in bad.stderr

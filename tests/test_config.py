@@ -60,3 +60,26 @@ def test_unknown_preset_lists_valid_ones():
 def test_bad_config(bad, msg):
     with pytest.raises(ConfigError, match=msg):
         ModelConfig.from_dict(bad)
+
+
+def test_syntax_errors_are_one_line_with_file_line_and_column(tmp_path):
+    import subprocess
+    import sys
+
+    from ofa_ds.config import load_dict
+
+    bad = tmp_path / "run.yaml"
+    bad.write_text("model: ofa_tiny\ntrain: {steps: 3\ncorpus: x\n")
+    with pytest.raises(ConfigError, match=rf"^{bad}:3:7: YAML syntax: expected ',' or '}}'"):
+        load_dict(bad)
+    bad_json = tmp_path / "run.json"
+    bad_json.write_text('{"model": "ofa_tiny",}')
+    with pytest.raises(ConfigError, match=rf"^{bad_json}:1:22: Expecting property name"):
+        load_dict(bad_json)
+    good = tmp_path / "good.yaml"
+    good.write_text("model: ofa_tiny\ncorpus: x\n")
+    out = subprocess.run([sys.executable, "-m", "ofa_ds.cli", "pretrain", str(good), "--set", "train={steps: 3"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().endswith("--set train:1:10: YAML syntax: expected ',' or '}', but got '<stream end>' "
+                                       "(while parsing a flow mapping)"), out.stderr

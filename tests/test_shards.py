@@ -123,7 +123,11 @@ def edit_manifest(root, edit):
 
 
 def test_manifest_row_count_mismatch_fails_at_open(copy):
-    edit_manifest(copy, lambda m: m["sources"]["text"]["shards"][1].update(rows=6))
+    def six_rows(m):  # the shard's count, and its source's total with it (checked by check_manifest)
+        m["sources"]["text"]["rows"] += 6 - m["sources"]["text"]["shards"][1]["rows"]
+        m["sources"]["text"]["shards"][1]["rows"] = 6
+
+    edit_manifest(copy, six_rows)
     with pytest.raises(CorpusError, match="text-00001.arrow: does not hold the 6 rows in batches of 3"):
         Corpus(copy)
 

@@ -39,9 +39,7 @@ class Corpus:
             raise CorpusError(f"{path}: missing (convert the TSVs with `ofa-ds tsv2arrow` first)") from None
         except ValueError as e:
             raise CorpusError(f"{path}: not valid JSON ({e})") from None
-        version = self.manifest.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise CorpusError(f"{path}: schema version {version}, this ofa_ds reads {SCHEMA_VERSION}; re-convert")
+        check_manifest(self.manifest, path)
         batch_rows, sources = self.manifest["batch_rows"], self.manifest["sources"]
         self.tables = {s: Table(self.root, s, sources.get(s, {}).get("shards", []), batch_rows) for s in SOURCES}
         self.vl, self.text, self.image, self.detection = (self.tables[s] for s in TSV_SOURCES)
@@ -53,6 +51,52 @@ class Corpus:
             for path, entry in zip(t.paths, t.entries):
                 if sha256(path) != entry["sha256"]:
                     raise CorpusError(f"{path}: sha256 differs from {self.root / MANIFEST}: the shard was altered")
+
+
+def check_manifest(m, path: Path) -> None:
+    """The manifest's structure and content, before any shard is opened: one error naming the key."""
+    if not isinstance(m, dict):
+        raise CorpusError(f"{path}: expected a JSON object, got {type(m).__name__}")
+    version = m.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise CorpusError(f"{path}: schema version {version}, this ofa_ds reads {SCHEMA_VERSION}; re-convert")
+    if not _count(m.get("batch_rows"), positive=True):
+        raise CorpusError(f"{path}: batch_rows must be a positive integer, got {m.get('batch_rows')!r}")
+    sources = m.get("sources")
+    if not isinstance(sources, dict):
+        raise CorpusError(f"{path}: sources must be an object of source -> shards, got {sources!r:.80}")
+    unknown = sorted(set(sources) - set(SOURCES))
+    if unknown:
+        raise CorpusError(f"{path}: unknown source(s) {', '.join(unknown)}; valid: {', '.join(SOURCES)}")
+    seen: dict[str, str] = {}
+    for source, entry in sources.items():
+        where = f"{path}: sources.{source}"
+        shards = entry.get("shards") if isinstance(entry, dict) else None
+        if not isinstance(shards, list):
+            raise CorpusError(f"{where}.shards must be a list")
+        for i, shard in enumerate(shards):
+            at = f"{where}.shards[{i}]"
+            if not isinstance(shard, dict):
+                raise CorpusError(f"{at} must be an object")
+            file = shard.get("file")
+            if not isinstance(file, str) or not file or Path(file).is_absolute() or ".." in Path(file).parts:
+                raise CorpusError(f"{at}.file must be a path inside the corpus directory, got {file!r}")
+            for key in ("rows", "bytes"):
+                if not _count(shard.get(key)):
+                    raise CorpusError(f"{at}.{key} must be a non-negative integer, got {shard.get(key)!r}")
+            digest = shard.get("sha256")
+            if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+                raise CorpusError(f"{at}.sha256 must be 64 lowercase hex digits, got {digest!r:.80}")
+            if file in seen:
+                raise CorpusError(f"{at}: {file} is listed twice (also in {seen[file]}): its rows would count twice")
+            seen[file] = at
+        listed = entry.get("rows", sum(sh["rows"] for sh in shards))
+        if listed != sum(sh["rows"] for sh in shards):
+            raise CorpusError(f"{where}.rows is {listed!r}, its shards hold {sum(sh['rows'] for sh in shards)}")
+
+
+def _count(v, positive: bool = False) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and (v > 0 if positive else v >= 0)
 
 
 class Table:
@@ -100,7 +144,7 @@ class Table:
             raise CorpusError(f"{path}: {size} bytes, the manifest says {entry['bytes']}: truncated or altered")
         try:
             reader = pa.ipc.open_file(_map(path, size))
-        except pa.ArrowException as e:
+        except (pa.ArrowException, OSError) as e:
             raise CorpusError(f"{path}: not a valid Arrow IPC file ({e}): altered or corrupt") from None
         if not reader.schema.equals(schema(self.source), check_metadata=True):
             raise CorpusError(f"{path}: schema differs from ofa_ds's {self.source!r} schema v{SCHEMA_VERSION}")

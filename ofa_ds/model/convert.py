@@ -219,11 +219,16 @@ def load_safetensors(path: str | Path) -> tuple[ModelConfig, dict]:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != "ofa_ds" or "model_config" not in meta:
-        raise CheckpointError(f"{path}: not an ofa_ds safetensors export (no ofa_ds model_config metadata)")
-    return ModelConfig.from_dict(json.loads(meta["model_config"])), load_file(str(path))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != "ofa_ds" or "model_config" not in meta:
+            raise CheckpointError(f"{path}: not an ofa_ds safetensors export (no ofa_ds model_config metadata)")
+        return ModelConfig.from_dict(json.loads(meta["model_config"])), load_file(str(path))
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors' own errors, a bad header's JSON, a bad model config
+        raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
 
 
 def ofa_cfg(cfg: ModelConfig) -> dict:

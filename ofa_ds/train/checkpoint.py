@@ -182,7 +182,9 @@ def load(engine, tag_dir: Path) -> dict:
     path, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     if path is None:
         raise ConfigError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
-    set_rng_state(torch.load(_rng_file(tag_dir, dist.get_rank()), weights_only=True))
+    from ofa_ds.train import safe_load
+
+    set_rng_state(safe_load.load(_rng_file(tag_dir, dist.get_rank())))
     return client["ofa_ds"]
 
 

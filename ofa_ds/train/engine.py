@@ -311,6 +311,10 @@ def initialize(model: torch.nn.Module, ds: dict, groups: Groups):
     tensor parallelism DeepSpeed gets the mpu: ZeRO then averages gradients over the data-parallel group only."""
     mpu = groups.mpu if groups.pp_size == 1 else None  # the pipeline module brings its own grid
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds, mpu=mpu)
+    from ofa_ds.train.safe_load import SafeCheckpointEngine
+
+    # DeepSpeed's own engine with loads that run no code from the files (safe_load.py); saves unchanged
+    engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
     return engine
 
 

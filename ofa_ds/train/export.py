@@ -10,11 +10,13 @@ no process group or GPU.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 
-from ofa_ds.config import ModelConfig
+from ofa_ds.config import ConfigError, ModelConfig
+from ofa_ds.model.convert import CheckpointError
 
 
 MASTER = "fp32"
@@ -38,6 +40,9 @@ def consolidated_state_dict(tag_dir: Path, state: str = MASTER) -> tuple[ModelCo
     from ofa_ds.parallel.tensor import unshard
     from ofa_ds.train.checkpoint import read_meta
 
+    from ofa_ds.train.safe_load import check
+
+    check(tag_dir)  # no file of it names anything loading would run
     meta = read_meta(tag_dir)
     cfg = ModelConfig.from_dict(meta["model"])
     layout = meta["config"].get("parallel", {})
@@ -67,8 +72,11 @@ def _model_parallel_rank(tag_dir: Path, mp: int, mp_size: int, pipeline_tp_rank:
 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    from ofa_ds.train.safe_load import load, safe_torch_load
+
     if mp_size == 1 and state == MASTER:
-        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        with safe_torch_load():
+            return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     with tempfile.TemporaryDirectory() as tmp:
         view = Path(tmp) / tag_dir.name
         view.mkdir()
@@ -79,11 +87,12 @@ def _model_parallel_rank(tag_dir: Path, mp: int, mp_size: int, pipeline_tp_rank:
                 (view / f.name).symlink_to(f.resolve())
         if pipeline_tp_rank is not None:
             states = view / f"mp_rank_{mp:02d}_model_states.pt"
-            model_states = torch.load(states, weights_only=True)
+            model_states = load(states)
             model_states["module"] = _pipeline_tensors(tag_dir, pipeline_tp_rank)
             states.unlink()
             torch.save(model_states, states)
-        return get_fp32_state_dict_from_zero_checkpoint(tmp, tag=tag_dir.name)
+        with safe_torch_load():
+            return get_fp32_state_dict_from_zero_checkpoint(tmp, tag=tag_dir.name)
 
 
 def optimizer_files(tag_dir: Path) -> list[Path]:
@@ -94,7 +103,9 @@ def read_optimizer_file(path: Path) -> tuple[dict, str, dict]:
     """(file contents, the key of the master weights' flat partitions in its optimizer_state_dict, the optimizer's
     state per partition) of one ZeRO optimizer-states file. ZeRO-1/2 keep the partitions without their alignment padding and the optimizer's
     state with it (at the end); ZeRO-3 both whole."""
-    sd = torch.load(path, map_location="cpu", weights_only=False)  # DeepSpeed's own objects (loss scaler) inside
+    from ofa_ds.train.safe_load import load
+
+    sd = load(path, map_location="cpu")
     osd = sd["optimizer_state_dict"]
     if int(osd["zero_stage"]) == 3:
         key, base = "fp32_flat_groups", osd["optimizer_state_dict"]
@@ -115,12 +126,13 @@ def _pipeline_tensors(tag_dir: Path, tp_rank: int) -> dict:
     """A TP rank's layer files' tensors under the pipeline module's names ("L.name"; layer 0 is the tied
     embedding)."""
     from ofa_ds.parallel.pipeline import TIED
+    from ofa_ds.train.safe_load import load
 
     out = {}
     for f in sorted(tag_dir.glob(f"layer_*-model_{tp_rank:02d}-model_states.pt")):
         index = int(f.name.split("-")[0][len("layer_"):])
         prefix = TIED if index == 0 else f"{index}."
-        out.update({prefix + k: v for k, v in torch.load(f, weights_only=True).items()})
+        out.update({prefix + k: v for k, v in load(f).items()})
     return out
 
 
@@ -131,8 +143,12 @@ def run(args) -> int:
     for out in args.out:
         if out.suffix not in (".safetensors", ".pt"):
             raise SystemExit(f"{out}: output must end in .safetensors (ofa_ds) or .pt (OFA)")
-    tag_dir = find(args.checkpoint)
-    cfg, sd = consolidated_state_dict(tag_dir)
+    try:
+        tag_dir = find(args.checkpoint)
+        cfg, sd = consolidated_state_dict(tag_dir)
+    except (ConfigError, CheckpointError) as e:
+        print(f"ofa-ds export: {e}", file=sys.stderr)
+        return 1
     for out in args.out:
         (save_safetensors if out.suffix == ".safetensors" else save_ofa_checkpoint)(sd, cfg, out)
         print(f"{tag_dir} -> {out}")

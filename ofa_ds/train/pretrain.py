@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ofa_ds.config import ConfigError, ModelConfig, RunConfig, load_dict, save_dict
+from ofa_ds.config import ConfigError, ModelConfig, RunConfig, load_dict, parse_yaml, save_dict
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,8 +57,6 @@ GEOMETRY = ("train.steps", "train.global_batch", "train.micro_batch", "data.seed
 
 
 def load_run_config(path: Path, overrides: list[str]) -> RunConfig:
-    import yaml
-
     d = load_dict(path)
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -70,7 +68,7 @@ def load_run_config(path: Path, overrides: list[str]) -> RunConfig:
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: {k} is not a section")
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = parse_yaml(value, f"--set {key}")
     return RunConfig.from_dict(d)
 
 
@@ -96,7 +94,8 @@ def prepare(args, data: bool = True) -> Plan:
     """The run's plan, checked; without `data` (the benchmark's synthetic batches) no corpus or tokenizer."""
     from ofa_ds.data.shards import Corpus, CorpusError
     from ofa_ds.data.tokenizer import load_tokenizer
-    from ofa_ds.train import checkpoint, universal
+    from ofa_ds.model.convert import CheckpointError
+    from ofa_ds.train import checkpoint, safe_load, universal
     from ofa_ds.train.engine import check_accelerator, ds_config, load_ds_config, world_size, zero_stage
 
     overrides = list(args.overrides)
@@ -116,6 +115,8 @@ def prepare(args, data: bool = True) -> Plan:
             corpora.append(None if path is None else Corpus(path))
         except CorpusError as e:
             raise ConfigError(f"{key}: {e}") from None
+        if corpora[-1] is not None and len(corpora[-1].vl) == 0:
+            raise ConfigError(f"{key}: {path} has no VL rows; every batch is drawn from them")
     tokenizer = None
     if data:
         tokenizer = load_tokenizer(run.data.tokenizer, num_codes=run.data.num_codes, num_bins=run.data.num_bins,
@@ -128,6 +129,10 @@ def prepare(args, data: bool = True) -> Plan:
     if args.resume is not None:
         if args.resume or checkpoint.complete_tags(out_dir / "checkpoints"):
             resume = checkpoint.find(args.resume or out_dir)
+            try:
+                safe_load.check(resume)  # on every rank, before anything is loaded
+            except CheckpointError as e:
+                raise ConfigError(str(e)) from None
             diffs, relayout = checkpoint.check_resumable(checkpoint.read_meta(resume), run.to_dict(), model.to_dict(),
                                                          ws, resume, run.parallel.describe(ws), universal.exists(resume))
             geometry = [d for d in diffs if d.split(":")[0] in GEOMETRY]
@@ -172,6 +177,15 @@ def run(args) -> int:
     except ConfigError as e:
         print(f"ofa-ds pretrain: {e}", file=sys.stderr)
         return 2
+    from ofa_ds.train import run_lock
+
+    lock = None
+    if os.environ.get("RANK", "0") == "0":  # one writer per out_dir, decided before the process group starts
+        try:
+            lock = run_lock.acquire(plan.out_dir)
+        except ConfigError as e:
+            print(f"ofa-ds pretrain: {e}", file=sys.stderr)
+            return 2
     _quiet_deepspeed()
     from ofa_ds.train.engine import KernelMismatch, init_distributed
 
@@ -184,6 +198,9 @@ def run(args) -> int:
 
         dist.destroy_process_group()  # a process that exits with its group's threads running aborts
         return 1
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _quiet_deepspeed() -> None:

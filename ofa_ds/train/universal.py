@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -117,11 +118,13 @@ def run(args) -> int:
     from ofa_ds.config import ConfigError
     from ofa_ds.train.checkpoint import find
 
+    from ofa_ds.model.convert import CheckpointError
+
     try:
         tag_dir = find(args.checkpoint)
-    except ConfigError as e:
-        print(f"ofa-ds to-universal: {e}", flush=True)
+        out = write(tag_dir)
+    except (ConfigError, CheckpointError) as e:
+        print(f"ofa-ds to-universal: {e}", file=sys.stderr)
         return 2
-    out = write(tag_dir)
     print(f"{tag_dir} -> {out}: resume it at any layout with `ofa-ds pretrain CONFIG --resume {tag_dir}`")
     return 0
