@@ -21,7 +21,7 @@
 # code, Python environment and paths (relative ones are relative to the working directory); out_dir
 # (checkpoints) must be on a filesystem they share.
 set -euo pipefail
-[ $# -ge 2 ] || { sed -n '2,26p' "$0"; exit 2; }
+[ $# -ge 2 ] || { sed -n '2,/^set -euo/{/^set -euo/d; s/^# \{0,1\}//; p}' "$0" >&2; exit 2; }
 HOSTFILE=$1
 shift
 : "${MASTER_ADDR:?set MASTER_ADDR to the address of the hostfile first host}"

@@ -7,7 +7,7 @@
 # NPROC: ranks (default: every visible GPU; on a machine without GPUs, 2 CPU ranks with DS_ACCELERATOR=cpu).
 # MASTER_PORT: rendezvous port (default 29500; pick another when two jobs share a machine).
 set -euo pipefail
-[ $# -ge 1 ] || { sed -n '2,8p' "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,/^set -euo/{/^set -euo/d; s/^# \{0,1\}//; p}' "$0" >&2; exit 2; }
 if python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   NPROC=${NPROC:-$(python3 -c "import torch; print(torch.cuda.device_count())")}
 else

@@ -24,14 +24,38 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ofa-ds", description=__doc__.splitlines()[0])
+    from ofa_ds import __version__
+
+    parser = argparse.ArgumentParser(prog="ofa-ds", description="OFA pretraining on DeepSpeed: convert data, "
+                                     "pretrain, benchmark, plan a cluster, export. `ofa-ds COMMAND -h` for each.")
+    parser.add_argument("--version", action="version", version=f"ofa-ds {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         p.set_defaults(_module=module)
         importlib.import_module(module).add_arguments(p)
     args = parser.parse_args(argv)
-    return importlib.import_module(args._module).run(args) or 0
+    try:
+        return importlib.import_module(args._module).run(args) or 0
+    except user_errors() as e:  # bad input: one line, no traceback
+        print(f"ofa-ds {args.command}: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """What a user's input raises (configs, checkpoints, corpora, paths), as opposed to a bug."""
+    from ofa_ds.config import ConfigError
+    from ofa_ds.data.shards import CorpusError
+    from ofa_ds.model.convert import CheckpointError
+
+    return ConfigError, CheckpointError, CorpusError, FileNotFoundError, NotADirectoryError, IsADirectoryError, \
+        PermissionError
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.filename}: {e.strerror}"
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 if __name__ == "__main__":

@@ -209,8 +209,11 @@ def test_bad_type2ans_and_existing_manifest_are_clear_errors(tmp_path):
     (src / "negative_sample" / "type2ans.json").write_text('{"color": ["red"]}')
     with pytest.raises(ConversionError, match="type2ans.json: expected a JSON object .* 'other'"):
         convert(ConvertConfig(str(src), str(tmp_path / "arrow2"), workers=1))
-    with pytest.raises(ConversionError, match="none of the input files"):
+    with pytest.raises(ConversionError, match="nowhere: no such directory"):
         convert(ConvertConfig(str(tmp_path / "nowhere"), str(tmp_path / "arrow3"), workers=1))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConversionError, match="none of the input files"):
+        convert(ConvertConfig(str(tmp_path / "empty"), str(tmp_path / "arrow4"), workers=1))
 
 
 # ------------------------------------------------------------------------------------------------

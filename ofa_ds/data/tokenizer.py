@@ -261,7 +261,8 @@ def train_sentencepiece(texts, vocab_size: int, out_dir: str | Path, *, num_code
             max_sentence_length=1 << 16, minloglevel=2,
         )
     except RuntimeError as e:
-        raise ConfigError(f"sentencepiece training with vocab_size={vocab_size} failed: {e}") from e
+        raise ConfigError(f"sentencepiece training with vocab_size={vocab_size} failed: "
+                          f"{str(e).strip().splitlines()[-1]}") from None
     (out_dir / SPM_FILE).write_bytes(model.getvalue())
     tok = SentencePieceTokenizer(out_dir / SPM_FILE, num_codes, num_bins)
     tok.save(out_dir)

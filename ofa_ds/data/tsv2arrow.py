@@ -74,6 +74,9 @@ def _init_worker() -> None:
 
 
 def _inputs(src: Path) -> dict[str, Path | None]:
+    if not src.is_dir():
+        raise ConversionError(f"{src}: {'not a directory' if src.exists() else 'no such directory'} (the directory "
+                              f"of OFA's TSVs, e.g. one written by `ofa-ds make-sample-corpus`)")
     paths = {s: src / name for s, (name, _) in TSV_SOURCES.items()}
     paths |= {s: src / NEGATIVES_DIR / name for s, (name, _) in LINE_POOLS.items()}
     paths["type2ans"] = src / NEGATIVES_DIR / TYPE2ANS_FILE

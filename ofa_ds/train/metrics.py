@@ -67,6 +67,7 @@ class Metrics:
         self.jsonl = open(out_dir / "metrics.jsonl", "a")
         self.bar = tqdm(total=steps, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True,
                         mininterval=1.0 if sys.stderr.isatty() else 30.0)
+        self.shown: dict[str, str] = {}  # the bar's fields; v2 and tokens/s keep their last value between updates
 
     def log(self, step: int, scalars: dict) -> None:
         if self.rank != 0:
@@ -76,11 +77,20 @@ class Metrics:
                 self.tb.add_scalar(k, v, step)
         self.jsonl.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
         self.jsonl.flush()
+        if scalars.get("perf/tokens_per_s") is not None:
+            self.shown["tok/s"] = f"{scalars['perf/tokens_per_s']:.3g}"
 
-    def advance(self, step: int, loss: float, lr: float) -> None:
+    def advance(self, step: int, loss_v1: float, loss_v2: float | None, lr: float) -> None:
+        """The bar shows each stream's loss (their sum, train/loss, jumps as v2 batches come and go), lr and the
+        last logged tokens/s; tqdm adds the ETA."""
         if self.rank == 0:
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+            self.shown["v1"] = f"{loss_v1:.3f}"
+            if loss_v2 is not None:
+                self.shown["v2"] = f"{loss_v2:.3f}"
+            self.shown["lr"] = f"{lr:.2e}"
+            fields = {k: self.shown[k] for k in ("v1", "v2", "lr", "tok/s") if k in self.shown}
+            self.bar.set_postfix(fields, refresh=False)
 
     def print(self, text: str) -> None:
         if self.rank == 0:

@@ -308,7 +308,8 @@ class Trainer:
                     now = time.perf_counter()
                     self._log(stats, lr, window, now - t_last)
                     t_last, window = now, torch.zeros_like(window)
-                self.metrics.advance(self.step, stats.loss, lr)
+                self.metrics.advance(self.step, stats.stream_loss[0], stats.stream_loss[1] if stats.tokens[1] else None,
+                                     lr)
                 t0 = time.perf_counter()
                 if validate and self.step % train.eval_every == 0:
                     self.evaluate()
