@@ -397,7 +397,7 @@ def _plot(results: list[dict], key: str, out: Path) -> Path:
     try:
         import matplotlib
     except ImportError:
-        raise SystemExit("ofa-ds bench --sweep: the plot needs matplotlib (pip install -e '.[bench]')") from None
+        raise SystemExit("ofa-ds bench --sweep: the plot needs matplotlib (pip install matplotlib)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

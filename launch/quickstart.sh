@@ -34,3 +34,4 @@ if len(val) > 1:
     print(f"validation loss: {val[0]['val/loss']:.3f} at step {val[0]['step']} -> {val[-1]['val/loss']:.3f} at step {val[-1]['step']}")
 print("checkpoints: quickstart_out/run/checkpoints   tensorboard --logdir quickstart_out/run/tb")
 PY
+ofa plot quickstart_out/run > /dev/null && echo "plots: quickstart_out/run/plots/{loss,tasks,lr,throughput,mfu}.png"

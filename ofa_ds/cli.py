@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-tokenizer": ("data_tools.train_tokenizer", "train a sentencepiece tokenizer (OFA's vocab layout) on corpus text"),
     "pretrain": ("ofa_ds.train.pretrain", "pretrain OFA with DeepSpeed (run under deepspeed/torchrun, or alone for one process)"),
     "export": ("ofa_ds.train.export", "export a (ZeRO) checkpoint to consolidated safetensors and/or an OFA checkpoint"),
+    "plot": ("ofa_ds.train.plot", "PNGs of runs' losses, lr, throughput and MFU from their metrics.jsonl"),
     "to-universal": ("ofa_ds.train.universal", "write a checkpoint's layout-free form, to resume it at another parallel layout"),
     "bench": ("benchmarks.throughput", "throughput of the real training step of a run config (run under deepspeed)"),
     "plan": ("ofa_ds.plan.planner", "the parallel layouts that fit a model on a cluster, with memory and step time"),

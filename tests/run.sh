@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/install.sh
-python3 -m pytest -q --timeout=1200 "$@"
+python3 -m pytest -v --durations=15 --timeout=1200 "$@"  # every test named as it runs; the slowest listed
