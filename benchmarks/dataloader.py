@@ -412,7 +412,7 @@ def demand(rows_per_cpu_s: float) -> dict:
     for preset in ("ofa_base", "ofa_large", "ofa_huge"):
         flops_per_row = train_flops(model_preset(preset), shapes) / MICRO_BATCH
         for gpu, peak in GPU_PEAK_TFLOPS.items():
-            rows = 0.4 * peak["half"] * 1e12 / flops_per_row
+            rows = 0.4 * peak["bf16"] * 1e12 / flops_per_row
             out[f"{preset} {gpu}"] = {"rows_per_s": round(rows), "cores": round(rows / rows_per_cpu_s, 1)}
     return out
 

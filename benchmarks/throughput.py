@@ -38,11 +38,6 @@ import torch
 
 from ofa_ds.config import ConfigError
 
-DATASHEET_TFLOPS = {  # dense, per GPU
-    "H200": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0},
-    "H100": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0},
-    "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
-}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -72,13 +67,8 @@ def run(args) -> int:
             print(f"ofa-ds bench: --sweep {args.sweep!r}: expected KEY=V1,V2,...", file=sys.stderr)
             return 2
         points = [f"{key}={v}" for v in values.split(",")]
-    plans = []
-    try:
-        for point in points:
-            plans.append(_prepare(args, [*args.overrides, *([point] if point else [])]))
-    except ConfigError as e:
-        print(f"ofa-ds bench: {e}", file=sys.stderr)
-        return 2
+    # bad input raises ConfigError before any process group: cli.main reports it in one line
+    plans = [_prepare(args, [*args.overrides, *([point] if point else [])]) for point in points]
     _quiet_deepspeed()
     from ofa_ds.train.engine import init_distributed
 
@@ -297,7 +287,9 @@ def datasheet_peak(precision: str) -> float | None:
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name()
-    for gpu, peaks in DATASHEET_TFLOPS.items():
+    from ofa_ds.train.metrics import GPU_PEAK_TFLOPS
+
+    for gpu, peaks in GPU_PEAK_TFLOPS.items():
         if gpu in name:
             return peaks[precision if precision != "fp32" or not torch.backends.cuda.matmul.allow_tf32 else "tf32"]
     return None
@@ -418,4 +410,4 @@ def _plot(results: list[dict], key: str, out: Path) -> Path:
     return path
 
 
-__all__ = ["Bench", "transient_peak", "held_bytes", "gemm_tflops", "synthetic_batches", "DATASHEET_TFLOPS"]
+__all__ = ["Bench", "transient_peak", "held_bytes", "gemm_tflops", "synthetic_batches"]

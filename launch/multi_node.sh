@@ -39,15 +39,5 @@ else  # the user's .deepspeed_env files plus the variables below, in a file of o
   done
   export DS_ENV_FILE=$envfile
 fi
-# DeepSpeed's runner passes SIGTERM/SIGINT on to the ranks only when it launches over ssh: it runs in a process
-# group of its own here and a signal to this script goes to the whole group, so every rank saves its stop checkpoint.
-set -m
-deepspeed "${args[@]}" --module ofa_ds.cli pretrain "$@" &
-runner=$!
-trap 'kill -TERM -- "-$runner" 2>/dev/null || true' TERM INT
-while :; do
-  status=0
-  wait "$runner" || status=$?
-  kill -0 "$runner" 2>/dev/null || break  # still running: a trapped signal interrupted the wait
-done
-exit "$status"
+source "$(dirname "$0")/forward_signals.sh"  # a signal to this script reaches every rank
+forward_signals deepspeed "${args[@]}" --module ofa_ds.cli pretrain "$@"

@@ -15,16 +15,6 @@ else
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # per rank; the launcher does not set it
   NPROC=${NPROC:-2}
 fi
-# DeepSpeed's runner passes SIGTERM/SIGINT on to the ranks only when it launches over ssh: it runs in a process
-# group of its own here and a signal to this script goes to the whole group, so every rank saves its stop checkpoint.
-set -m
-deepspeed --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29500}" --no_local_rank \
-  --module ofa_ds.cli pretrain "$@" &
-runner=$!
-trap 'kill -TERM -- "-$runner" 2>/dev/null || true' TERM INT
-while :; do
-  status=0
-  wait "$runner" || status=$?
-  kill -0 "$runner" 2>/dev/null || break  # still running: a trapped signal interrupted the wait
-done
-exit "$status"
+source "$(dirname "$0")/forward_signals.sh"  # a signal to this script reaches every rank
+forward_signals deepspeed --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29500}" --no_local_rank \
+  --module ofa_ds.cli pretrain "$@"

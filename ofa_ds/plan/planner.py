@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import sys
 from dataclasses import asdict, dataclass, field
 
 from ofa_ds.config import ConfigError, ModelConfig
 from ofa_ds.plan.memory import GIB, counts, model_states, stream_activations
 from ofa_ds.train.flops import StreamShape, resnet_flops, train_flops
+from ofa_ds.train.metrics import GPU_PEAK_TFLOPS
 
-PEAK_TFLOPS = {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}  # A100 dense; --peak-tflops for others
 CHECKPOINTING = ("none", "layers")
 
 
@@ -133,7 +132,7 @@ def _pipe_micro(batch: Batch, layout: Layout) -> int:
 
 def step_time(cfg: ModelConfig, cluster: Cluster, batch: Batch, layout: Layout, *, precision: str,
               mfu: float) -> float:
-    peak = (cluster.peak_tflops or PEAK_TFLOPS[precision]) * 1e12
+    peak = (cluster.peak_tflops or GPU_PEAK_TFLOPS["A100"][precision]) * 1e12
     rows = batch.global_batch / layout.dp  # VL rows per data-parallel rank and update
     per_row = batch.per_row()  # [(shape of one example, examples per row, images per row)]
     resnet = sum(images * _resnet_all(cfg, s) for s, _, images in per_row)  # once per distinct image, on every TP rank
@@ -251,16 +250,12 @@ def run(args) -> int:
     import os
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # planning needs none; DeepSpeed would print its detection
-    try:
-        cfg = model_config(args.preset)
-        cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_memory_gb, args.intra_node_gbps,
-                          args.inter_node_gbps, args.peak_tflops)
-        zero_config = _zero_config(args.deepspeed) if args.deepspeed else None
-        layouts = plan(cfg, cluster, Batch(args.global_batch), precision=args.precision, mfu=args.mfu,
-                       zero_config=zero_config)
-    except ConfigError as e:
-        print(f"ofa-ds plan: {e}", file=sys.stderr)
-        return 2
+    cfg = model_config(args.preset)  # bad input raises ConfigError: cli.main reports it in one line
+    cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_memory_gb, args.intra_node_gbps,
+                      args.inter_node_gbps, args.peak_tflops)
+    zero_config = _zero_config(args.deepspeed) if args.deepspeed else None
+    layouts = plan(cfg, cluster, Batch(args.global_batch), precision=args.precision, mfu=args.mfu,
+                   zero_config=zero_config)
     if args.json:
         shown = layouts[:args.top] if args.top > 0 else layouts
         print(json.dumps({"preset": cfg.name, "parameters": counts(cfg).total, "cluster": asdict(cluster),

@@ -40,9 +40,6 @@ def consolidated_state_dict(tag_dir: Path, state: str = MASTER) -> tuple[ModelCo
     from ofa_ds.parallel.tensor import unshard
     from ofa_ds.train.checkpoint import read_meta
 
-    from ofa_ds.train.safe_load import check
-
-    check(tag_dir)  # no file of it names anything loading would run
     meta = read_meta(tag_dir)
     cfg = ModelConfig.from_dict(meta["model"])
     layout = meta["config"].get("parallel", {})
@@ -101,8 +98,8 @@ def optimizer_files(tag_dir: Path) -> list[Path]:
 
 def read_optimizer_file(path: Path) -> tuple[dict, str, dict]:
     """(file contents, the key of the master weights' flat partitions in its optimizer_state_dict, the optimizer's
-    state per partition) of one ZeRO optimizer-states file. ZeRO-1/2 keep the partitions without their alignment padding and the optimizer's
-    state with it (at the end); ZeRO-3 both whole."""
+    state per partition) of one ZeRO optimizer-states file. ZeRO-1/2 keep the partitions without their alignment
+    padding and the optimizer's state with it (at the end); ZeRO-3 both whole."""
     from ofa_ds.train.safe_load import load
 
     sd = load(path, map_location="cpu")
@@ -143,8 +140,11 @@ def run(args) -> int:
     for out in args.out:
         if out.suffix not in (".safetensors", ".pt"):
             raise SystemExit(f"{out}: output must end in .safetensors (ofa_ds) or .pt (OFA)")
+    from ofa_ds.train.safe_load import check
+
     try:
         tag_dir = find(args.checkpoint)
+        check(tag_dir)  # no file of it names anything loading would run
         cfg, sd = consolidated_state_dict(tag_dir)
     except (ConfigError, CheckpointError) as e:
         print(f"ofa-ds export: {e}", file=sys.stderr)

@@ -18,8 +18,12 @@ from pathlib import Path
 
 import torch
 
-# Dense bf16/fp16 and tf32 tensor-core peaks per GPU (vendor datasheets, SXM parts).
-GPU_PEAK_TFLOPS = {"H100": {"half": 989.0, "fp32": 494.0}, "A100": {"half": 312.0, "fp32": 156.0}}
+# Dense tensor-core (bf16, fp16, tf32) and plain fp32 peaks per GPU, TFLOP/s (vendor datasheets, SXM parts).
+GPU_PEAK_TFLOPS = {
+    "H200": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0},
+    "H100": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
+}
 
 
 def peak_tflops(stated: float | None, precision: str) -> tuple[float | None, str]:
@@ -30,7 +34,7 @@ def peak_tflops(stated: float | None, precision: str) -> tuple[float | None, str
         name = torch.cuda.get_device_name()
         for gpu, peaks in GPU_PEAK_TFLOPS.items():
             if gpu in name:
-                return peaks["fp32" if precision == "fp32" else "half"], f"{gpu} {precision} datasheet"
+                return peaks["tf32" if precision == "fp32" else precision], f"{gpu} {precision} datasheet"
         return None, f"unknown GPU {name!r}: set train.peak_tflops"
     return measure_gemm_tflops(torch.bfloat16 if precision == "bf16" else torch.float32), "measured CPU GEMM"
 

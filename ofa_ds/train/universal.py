@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -35,7 +34,9 @@ def write(tag_dir: Path) -> Path:
     from ofa_ds.model.convert import save_safetensors
     from ofa_ds.train.checkpoint import read_meta
     from ofa_ds.train.export import consolidated_state_dict, optimizer_files, read_optimizer_file
+    from ofa_ds.train.safe_load import check
 
+    check(tag_dir)  # no file of it names anything loading would run
     meta = read_meta(tag_dir)
     tmp = tag_dir / (DIRECTORY + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -115,16 +116,9 @@ def _create_states(zero, step: int) -> None:
 
 
 def run(args) -> int:
-    from ofa_ds.config import ConfigError
     from ofa_ds.train.checkpoint import find
 
-    from ofa_ds.model.convert import CheckpointError
-
-    try:
-        tag_dir = find(args.checkpoint)
-        out = write(tag_dir)
-    except (ConfigError, CheckpointError) as e:
-        print(f"ofa-ds to-universal: {e}", file=sys.stderr)
-        return 2
+    tag_dir = find(args.checkpoint)
+    out = write(tag_dir)  # bad input: cli.main reports it in one line
     print(f"{tag_dir} -> {out}: resume it at any layout with `ofa-ds pretrain CONFIG --resume {tag_dir}`")
     return 0
