@@ -20,6 +20,7 @@ RESNET_LAYERS = {
     "resnet152": (3, 8, 36),
 }
 BN_MODES = ("batch", "sync", "sync_node", "frozen")
+TEXT_PAD_MULTIPLE = 8  # the loader pads source and target text to multiples of it
 ATTN_BACKENDS = ("auto", "reference", "sdpa", "triton")
 
 
@@ -375,8 +376,10 @@ class ParallelConfig:
         if p > 1 and zero_stage > 1:
             raise ConfigError(f"parallel.pipeline={p} with ZeRO stage {zero_stage}: DeepSpeed's pipeline engine takes "
                               f"ZeRO stage 0 or 1 (set zero_optimization.stage to 1)")
-        if self.sequence_parallel:
-            raise ConfigError("parallel.sequence_parallel: not supported yet (the model is batch-first; set it false)")
+        if self.sequence_parallel and TEXT_PAD_MULTIPLE % t:
+            raise ConfigError(f"parallel.sequence_parallel with parallel.tensor={t}: the loader pads target text "
+                              f"to multiples of {TEXT_PAD_MULTIPLE}, which the sequence split must divide "
+                              "(tensor 2, 4 or 8)")
         self.data_parallel(world)
 
     def describe(self, world: int) -> str:

@@ -43,6 +43,10 @@ LAYOUTS = {  # name: (ranks, parallel section, ZeRO stage, dropout on)
     # activation checkpointing: every layer recomputed in the backward, dropout on
     "tp2_zero3_dropout_ac": (2, {"tensor": 2}, 3, True),
     "pp2_zero1_dropout_ac": (2, {"pipeline": 2}, 1, True),
+    # sequence parallelism (the tiny corpus's sequences are even: the same dropout masks as one process)
+    "tp2_sp_zero3": (2, {"tensor": 2, "sequence_parallel": True}, 3, False),
+    "tp2_pp2_sp_zero1": (4, {"tensor": 2, "pipeline": 2, "sequence_parallel": True}, 1, False),
+    "tp2_sp_zero3_dropout_ac": (2, {"tensor": 2, "sequence_parallel": True}, 3, True),
     "dp2_zero3_dropout": (2, {}, 3, True),
     "dp2_zero3_dropout_ac": (2, {}, 3, True),
 }
@@ -79,6 +83,7 @@ def layout_run(base, name: str):
         run = write(d, data, name)
         codes, out = H.launch(LAYOUTS[name][0], [str(run)], harness=["--param-bytes", str(d / "bytes")])
         assert codes == [0] * LAYOUTS[name][0], out
+        assert f"sequence parallel {'on' if LAYOUTS[name][1].get('sequence_parallel') else 'off'}" in out
         assert cli(["export", str(d / "run"), str(d / "export.safetensors")]) == 0
         (d / "done").write_text(out)
     return d
@@ -107,7 +112,8 @@ def assert_same_training(got, want, *, exact: bool = False, steps=range(1, 7)):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["tp2_zero3", "tp2_zero2", "tp2_zero1", "pp2_zero1", "tp2_pp2_zero1"])
+@pytest.mark.parametrize("name", ["tp2_zero3", "tp2_zero2", "tp2_zero1", "pp2_zero1", "tp2_pp2_zero1", "tp2_sp_zero3",
+                                  "tp2_pp2_sp_zero1"])
 def test_model_parallel_layouts_train_as_one_process(name, tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
     one = layout_run(base, "one")
@@ -163,9 +169,12 @@ def test_pp2_splits_the_layers(tmp_path, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_tp2_with_dropout_draws_the_same_masks(tmp_path_factory):
+@pytest.mark.parametrize("name", ["tp2_zero3_dropout", "tp2_sp_zero3_dropout_ac"])
+def test_tp2_with_dropout_draws_the_same_masks(name, tmp_path_factory):
+    """TP=2, and TP=2 with sequence parallelism (each rank's slice of the whole sequence's masks) and every layer
+    recomputed in the backward: the masks of one process."""
     base = tmp_path_factory.getbasetemp()
-    one, tp = layout_run(base, "one_dropout"), layout_run(base, "tp2_zero3_dropout")
+    one, tp = layout_run(base, "one_dropout"), layout_run(base, name)
     assert_same_training(tp, one)  # other masks would move the first loss by ~3e-2 (dropout on vs off: 3.2e-2)
 
 

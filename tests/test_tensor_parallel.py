@@ -55,7 +55,7 @@ def _grad(p):
     return torch.zeros_like(p) if p.grad is None else p.grad
 
 
-def _worker(rank: int, world: int, port: int, out: str):
+def _worker(rank: int, world: int, port: int, out: str, sequence_parallel: bool):
     from ofa_ds.parallel import groups as G
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -66,13 +66,18 @@ def _worker(rank: int, world: int, port: int, out: str):
     full = OFAModel(cfg)
     torch.manual_seed(0)
     model = OFAModel(cfg)
-    g = G.build(ParallelConfig(tensor=world))
+    g = G.build(ParallelConfig(tensor=world, sequence_parallel=sequence_parallel))
     tp.parallelize(model, g)
+    lengths = {}  # the sequence length the layers run at, per batch
+    for stack in ("encoder", "decoder"):
+        hook = lambda m, a, out, k=stack: lengths.update({k: out.shape[1]})  # noqa: E731
+        getattr(model, stack).layers[1].register_forward_hook(hook)
     worst = {}
     for i, b in enumerate(batches(cfg)):
         full.zero_grad()
         model.zero_grad()
         ref_logits, ref_nll, ref_loss = loss_of(full, b, token_nll, cfg)
+        lengths.clear()
         logits, nll, loss = loss_of(model, b, tp.token_nll, cfg)
         ref_loss.backward()
         loss.backward()
@@ -85,6 +90,7 @@ def _worker(rank: int, world: int, port: int, out: str):
             got[name] = tp.unshard(name, _gather(_grad(p)), cfg.vocab_size)
             want[name] = _grad(grads[name])
         worst[i] = {k: (float((got[k] - want[k]).abs().max()), float(want[k].abs().max())) for k in want}
+        worst[i]["lengths"] = lengths["encoder"], lengths["decoder"]
         worst[i]["padding_not_minimal"] = (float((logits[cfg.vocab_size:] != torch.finfo(logits.dtype).min).sum()), 1.0)
     if rank == 0:
         torch.save(worst, out)
@@ -92,12 +98,17 @@ def _worker(rank: int, world: int, port: int, out: str):
 
 
 @pytest.mark.slow
-def test_tp2_equals_plain_model(tmp_path):
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_tp2_equals_plain_model(sequence_parallel, tmp_path):
+    """With sequence parallelism the encoder's sequences (4 patches + 5 tokens, 7 tokens) are odd: its padding to a
+    multiple of 2 is exercised too."""
     import pretrain_harness as H
 
     out = tmp_path / "worst.pt"
-    mp.start_processes(_worker, args=(2, H.free_port(), str(out)), nprocs=2, start_method="spawn")
+    mp.start_processes(_worker, args=(2, H.free_port(), str(out), sequence_parallel), nprocs=2, start_method="spawn")
     worst = torch.load(out, weights_only=True)
+    split = {0: (5, 3), 1: (4, 2)} if sequence_parallel else {0: (9, 6), 1: (7, 4)}  # (4 patches + 5 tokens, 6)
+    assert {i: per.pop("lengths") for i, per in worst.items()} == split
     for i, per in worst.items():
         # 1e-5 relative to the largest entry; the 1e-8 floor is for the key projections' biases, whose gradient is
         # zero in exact arithmetic (a bias on every key shifts all scores of a query alike) and ~1e-10 in float32
@@ -128,11 +139,12 @@ def test_shard_unshard_round_trip():
     (dict(tensor=4, pipeline=1), "world size 2 is not a multiple of parallel.tensor=4"),
     (dict(pipeline=5), "parallel.pipeline=5 stages for 2+2 transformer layers"),
     (dict(pipeline=2, zero=3), "ZeRO stage 3"),
-    (dict(tensor=2, sequence_parallel=True, world=4), "sequence_parallel"),
+    (dict(tensor=3, sequence_parallel=True, world=3, model="ofa_base"), "the sequence split must divide"),
 ])
 def test_bad_layouts_are_named(layout, message):
     zero, world = layout.pop("zero", 1), layout.pop("world", 2)
+    model = model_preset(layout.pop("model")) if "model" in layout else tiny()
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("+", r"\+")):
-        ParallelConfig(**layout).check(tiny(), world, zero)
+        ParallelConfig(**layout).check(model, world, zero)
     with pytest.raises(ConfigError, match="sequence_parallel needs parallel.tensor > 1"):
         ParallelConfig(sequence_parallel=True)

@@ -19,10 +19,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ofa_ds.config import TEXT_PAD_MULTIPLE
 from ofa_ds.data.tasks import Example
 from ofa_ds.data.transforms import planar_into
-
-PAD_MULTIPLE = 8
 
 
 def _round_up(n: int, m: int) -> int:
@@ -114,8 +113,8 @@ def model_inputs(stream: dict[str, torch.Tensor], device, dtype: torch.dtype) ->
 
 def token_fields(examples: list[Example], pad: int) -> dict[str, torch.Tensor]:
     """Everything of a Stream except the images: padded token tensors and per-example fields."""
-    src_len = _round_up(max(len(e.source) for e in examples), PAD_MULTIPLE)
-    tgt_len = _round_up(max(len(e.target) for e in examples), PAD_MULTIPLE)
+    src_len = _round_up(max(len(e.source) for e in examples), TEXT_PAD_MULTIPLE)
+    tgt_len = _round_up(max(len(e.target) for e in examples), TEXT_PAD_MULTIPLE)
     return {
         "src_tokens": _pad([e.source for e in examples], src_len, pad),
         "prev_output_tokens": _pad([e.prev_output for e in examples], tgt_len, pad),

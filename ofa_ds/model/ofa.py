@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ofa_ds.config import ModelConfig
@@ -36,6 +37,8 @@ def decoder_image_position_ids(cfg: ModelConfig) -> torch.Tensor:
 
 
 class Encoder(nn.Module):
+    seq_multiple = 1  # the layers' sequence is padded (masked) to a multiple of it: sequence parallelism's split
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d, n = cfg.embed_dim, cfg.image_bucket_size
@@ -107,6 +110,11 @@ class Encoder(nn.Module):
             pos = torch.cat([self.image_pos_ln(self.embed_image_positions(ids)), pos], dim=1)
             kind = torch.cat([torch.full_like(ids, KIND_IMAGE, dtype=torch.int8), kind], dim=1)
             pos_ids = torch.cat([ids, text_pos_ids], dim=1)
+        extra = -x.shape[1] % self.seq_multiple
+        if extra:  # masked positions at the end, for the sequence split
+            x, pos, pos_ids, kind = (F.pad(t, (0, 0, 0, extra)) if t.dim() == 3 else F.pad(t, (0, extra))
+                                     for t in (x, pos, pos_ids, kind))
+            pad = F.pad(pad, (0, extra), value=True)
         if bool(pad.any()):
             x = x * (~pad)[..., None].to(x.dtype)
         pos_q, pos_k = heads(self.pos_q_linear(pos), cfg.head_dim), heads(self.pos_k_linear(pos), cfg.head_dim)
@@ -124,6 +132,8 @@ class EncoderIn(NamedTuple):
 
 
 class Decoder(nn.Module):
+    seq_multiple = 1  # the decoder's length must be a multiple of it (sequence parallelism's split)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d, n = cfg.embed_dim, cfg.image_bucket_size
@@ -156,6 +166,8 @@ class Decoder(nn.Module):
         B, T = prev_output_tokens.shape
         if T > cfg.max_positions:
             raise ValueError(f"decoder input of {T} tokens; the limit is max_positions={cfg.max_positions}")
+        if T % self.seq_multiple:
+            raise ValueError(f"decoder input of {T} tokens: sequence parallelism splits it in {self.seq_multiple}")
         dev = prev_output_tokens.device
         code = torch.zeros(B, dtype=torch.bool, device=dev) if code_masks is None else code_masks.bool()
         c = code[:, None, None]

@@ -63,7 +63,7 @@ class EncoderInput(nn.Module):
 
     def __init__(self, encoder: Encoder):
         super().__init__()
-        self.cfg = encoder.cfg
+        self.cfg, self.seq_multiple = encoder.cfg, encoder.seq_multiple
         for name, m in encoder.named_children():
             if name not in ("layers", "layer_norm"):
                 setattr(self, name, m)
@@ -99,7 +99,7 @@ class DecoderInput(nn.Module):
 
     def __init__(self, decoder: Decoder):
         super().__init__()
-        self.cfg = decoder.cfg
+        self.cfg, self.seq_multiple = decoder.cfg, decoder.seq_multiple
         for name, m in decoder.named_children():
             if name not in ("layers", "layer_norm"):
                 setattr(self, name, m)

@@ -14,15 +14,19 @@ on the ranks of a TP group, so it stays identical.
 
 The full model is built first on every rank from the same seed and then sliced (megatron's CPU initialisation
 does the same), so TP=N starts from TP=1's weights. `shard` and `unshard` are the same plan for checkpoints.
+With parallel.sequence_parallel, the layers' linears take megatron-core's sequence-parallel form and
+sequence.apply splits the sequence between them.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ofa_ds.parallel import sequence
 from ofa_ds.parallel.groups import Groups, parallel_state
 
 # (parameter name pattern, split dimension, blocks)
@@ -86,7 +90,40 @@ def _megatron_layers():
     from megatron.core import tensor_parallel
     from megatron.core.model_parallel_config import ModelParallelConfig
 
+    if not torch.cuda.is_available():
+        _allocate_on_cpu()
     return tensor_parallel, ModelParallelConfig
+
+
+class _CPUCuda:
+    """torch.cuda for megatron-core on a machine without CUDA: its gathers and buffers allocate on
+    `torch.cuda.current_device()`, here the CPU; everything else is torch.cuda's."""
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def current_device():
+        return torch.device("cpu")
+
+
+class _CPUTorch:
+    cuda = _CPUCuda()
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def _allocate_on_cpu() -> None:
+    """megatron-core's modules that allocate communication buffers see _CPUTorch as their `torch` (megatron-core
+    itself is unchanged, and nothing outside it sees a difference)."""
+    import sys
+
+    for name in ("megatron.core.tensor_parallel.mappings", "megatron.core.tensor_parallel.layers",
+                 "megatron.core.utils"):
+        module = sys.modules[name]
+        if not isinstance(module.torch, _CPUTorch):
+            module.torch = _CPUTorch()
 
 
 def _plain_output(cls):
@@ -103,7 +140,10 @@ def _plain_output(cls):
             self._load_state_dict_pre_hooks.clear()
 
         def forward(self, x):
-            return super().forward(x)[0]
+            if not self.sequence_parallel:
+                return super().forward(x)[0]
+            # megatron-core splits and gathers the sequence along the first dimension: sequence-first inside
+            return super().forward(x.transpose(0, 1).contiguous())[0].transpose(0, 1)
 
     Plain.__name__ = Plain.__qualname__ = cls.__name__
     return Plain
@@ -196,6 +236,10 @@ def parallelize(model: nn.Module, groups: Groups) -> nn.Module:
     # Weights are copied from the full model below: megatron-core allocates on the CPU and initialises nothing.
     mp = ModelParallelConfig(tensor_model_parallel_size=t, use_cpu_initialization=True, perform_initialization=False,
                              gradient_accumulation_fusion=False, params_dtype=torch.float32)
+    sp = groups.layout.sequence_parallel
+    # the layers' projections work on the split sequence under sequence parallelism; the position projections
+    # (the embeddings' side, whole sequence) never do
+    mp_layers = dataclasses.replace(mp, sequence_parallel=sp)
     column = _plain_output(tensor_parallel.ColumnParallelLinear)
     row = _plain_output(tensor_parallel.RowParallelLinear)
     full = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -209,11 +253,12 @@ def parallelize(model: nn.Module, groups: Groups) -> nn.Module:
         if isinstance(m, nn.LayerNorm):
             return ParallelLayerNorm(m.normalized_shape[0], m.normalized_shape[0] // t, m.eps, groups.tp_group)
         dim, blocks = spec
+        config = mp_layers if ".layers." in f".{name}" else mp
         if dim == 0:
-            return column(m.in_features, m.out_features, config=mp, init_method=nn.init.zeros_,
+            return column(m.in_features, m.out_features, config=config, init_method=nn.init.zeros_,
                           bias=m.bias is not None, stride=blocks, tp_group=groups.tp_group)
-        return row(m.in_features, m.out_features, config=mp, init_method=nn.init.zeros_, bias=m.bias is not None,
-                   input_is_parallel=True, skip_bias_add=False, tp_group=groups.tp_group)
+        return row(m.in_features, m.out_features, config=config, init_method=nn.init.zeros_,
+                   bias=m.bias is not None, input_is_parallel=True, skip_bias_add=False, tp_group=groups.tp_group)
 
     for name, m in list(model.named_modules()):
         new = replacement(name, m) if name else None
@@ -237,6 +282,8 @@ def parallelize(model: nn.Module, groups: Groups) -> nn.Module:
             for attr, value in (("tensor_model_parallel", True), ("partition_dim", spec[0]),
                                 ("partition_stride", spec[1])):
                 setattr(p, attr, value)
+    if sp:
+        sequence.apply(model, groups)
     return model
 
 

@@ -187,6 +187,10 @@ def run(args) -> int:
             print(f"ofa-ds pretrain: {e}", file=sys.stderr)
             return 2
     _quiet_deepspeed()
+    if plan.run.parallel.sequence_parallel:
+        # megatron-core's sequence-parallel linears overlap their gathers with compute only if CUDA runs kernels in
+        # the order they are queued (Megatron's launchers set it too); before CUDA starts
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     from ofa_ds.train.engine import KernelMismatch, init_distributed
 
     backend = init_distributed()
@@ -458,7 +462,7 @@ class Trainer:
             ("model", f"{m.name}: {params:,} parameters, {here:,} on rank 0 before ZeRO (d={m.embed_dim}, {m.encoder_layers}+{m.decoder_layers} layers, "
                       f"{m.heads} heads, {m.resnet}, V={m.vocab_size}, bn {m.bn_mode})"),
             ("parallel", f"{p.run.parallel.describe(self.world)} = {self.world} rank(s) on {nodes} node(s) of "
-                         f"{per_node}, {self.backend}, device {self.engine.device}, activation checkpointing "
+                         f"{per_node}, {self.backend}, sequence parallel {'on' if p.run.parallel.sequence_parallel else 'off'}, device {self.engine.device}, activation checkpointing "
                          f"{t.activation_checkpointing}; "
                          f"kernels: attention {self.kernels['attention']}, "
                          f"resnet {self.kernels['resnet']} (the same on every rank)"),
