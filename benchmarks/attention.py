@@ -141,14 +141,16 @@ def flash2_no_bias(q, k, v, rel, pad, causal):
 # ------------------------------------------------------------------------------------------ GPU
 
 
-def gpu_bench(args) -> list[dict]:
+def gpu_bench(args, shapes=None, heads=None) -> list[dict]:
+    """Rows for `shapes` (names of SHAPES; default all) x `heads` ((head dim, heads) pairs; default HEADS)."""
     impls = {"ofa_ds_triton": run_backend("triton"), "sdpa_bias": run_backend("sdpa"), "flex_score_mod": flex(True),
              "flash_attn2_no_bias": flash2_no_bias}
     rows = []
-    for shape, (kind, a, b) in SHAPES.items():
+    for shape in shapes or SHAPES:
+        kind, a, b = SHAPES[shape]
         S = a + b
         B = args.batch or max(1, args.tokens // S)
-        for d, H in HEADS.items():
+        for d, H in heads or HEADS.items():
             q, k, v, rel, pad, causal = ofa_problem(kind, a, b, B=B, H=H, d=d, dtype=torch.bfloat16, device="cuda")
             for name, fn in impls.items():
                 widths = (d, d) if name == "flash_attn2_no_bias" else (2 * d, d)
@@ -202,8 +204,12 @@ def time_one(fn, inputs, backward):
 # ------------------------------------------------------------------------------------------ CPU
 
 
-def sweep(n: int) -> list[dict]:
-    """Triton kernels (interpreter) vs float64 reference: max |err| / max(1, max |ref|) per tensor."""
+SWEEP_SIZES = {"cpu": ((12, 21), (29, 0)), "cuda": ((196, 128), (257, 0))}  # (encoder, decoder) lengths (a, b)
+
+
+def sweep(n: int, device: str = "cpu") -> list[dict]:
+    """Triton kernels (the interpreter on CPU) vs float64 reference on `device`: max |err| / max(1, max |ref|) per
+    tensor. CPU at small sizes; CUDA at OFA's lengths (so the kernels run several blocks)."""
     dtypes, kinds = (torch.float32, torch.float16, torch.bfloat16), ("encoder", "decoder_text", "decoder_code")
     # A Latin square per block of 9: every dtype x head dim pair, each pair of (dtype or dim) and kind once.
     cases = [(dtype, d, kinds[(i + j + shift) % 3]) for shift in range(3) for i, dtype in enumerate(dtypes)
@@ -211,9 +217,9 @@ def sweep(n: int) -> list[dict]:
     rows = []
     for i in range(n):
         dtype, d, kind = cases[i % len(cases)]
-        a, b = (12, 21) if kind == "encoder" else (29, 0)
-        q, k, v, rel, pad, causal = ofa_problem(kind, a, b, B=2, H=2, d=d, dtype=dtype, device="cpu", seed=i)
-        dout = torch.randn(q.shape[:3] + (d,), generator=torch.Generator().manual_seed(i)).to(dtype)
+        a, b = SWEEP_SIZES[device][0 if kind == "encoder" else 1]
+        q, k, v, rel, pad, causal = ofa_problem(kind, a, b, B=2, H=2, d=d, dtype=dtype, device=device, seed=i)
+        dout = torch.randn(q.shape[:3] + (d,), generator=torch.Generator().manual_seed(i)).to(device, dtype)
         res = []
         for backend, cast in (("triton", lambda t: t), ("reference", lambda t: t.double())):
             leaves = [cast(t).detach().requires_grad_() for t in (q, k, v, rel.text_table, rel.image_table)]
@@ -226,17 +232,17 @@ def sweep(n: int) -> list[dict]:
     return rows
 
 
-def flex_check() -> dict:
+def flex_check(device: str = "cpu") -> dict:
     errs = {}
     for kind in ("encoder", "decoder_code"):
         a, b = (12, 21) if kind == "encoder" else (29, 0)
-        q, k, v, rel, pad, causal = ofa_problem(kind, a, b, B=2, H=2, d=64, dtype=torch.float32, device="cpu")
+        q, k, v, rel, pad, causal = ofa_problem(kind, a, b, B=2, H=2, d=64, dtype=torch.float32, device=device)
         got = flex(compiled=False)(q, k, v, rel, pad, causal)
         want = run_backend("reference")(q, k, v, rel, pad, causal)
         errs[kind] = (got - want).abs().max().item()
         if errs[kind] > 1e-4:
             raise AssertionError(f"FlexAttention score_mod differs from the reference on {kind}: {errs[kind]:.3g}")
-    return dict(max_abs_err=errs, note="forward, fp32, eager flex_attention (CPU has no flex backward)")
+    return dict(max_abs_err=errs, note="forward, fp32, eager flex_attention (CPU has no flex backward)", device=device)
 
 
 def saved_bytes(fn, inputs) -> int:

@@ -105,17 +105,19 @@ def measure(a) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="ofa_tiny")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--image-size", type=int, default=384)
-    p.add_argument("--patches", type=int, default=196)
-    p.add_argument("--src-len", type=int, default=40)
-    p.add_argument("--tgt-len", type=int, default=24)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="ofa_tiny", help="model preset (ofa_ds.config.PRESETS)")
+    p.add_argument("--batch", type=int, default=2, help="examples per step")
+    p.add_argument("--image-size", type=int, default=384, help="image side in pixels")
+    p.add_argument("--patches", type=int, default=196, help="sampled patches per image (0: every patch)")
+    p.add_argument("--src-len", type=int, default=40, help="source text tokens")
+    p.add_argument("--tgt-len", type=int, default=24, help="target tokens")
     p.add_argument("--shared", type=int, default=1, help="examples per image (divides --batch)")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--attn", default="reference,sdpa", help="comma-separated attention backends")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype")
+    p.add_argument("--steps", type=int, default=3, help="timed steps (the median is reported)")
+    p.add_argument("--attn", default="reference,sdpa", help="comma-separated attention backends, one process each")
+    p.add_argument("--out", help="also write the results to this JSON file")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one backend in this process
     a = p.parse_args()
     if a.one:
@@ -127,6 +129,8 @@ def main() -> None:
         out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
     print(json.dumps(results, indent=1))
+    if a.out:
+        Path(a.out).write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

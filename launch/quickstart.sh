@@ -19,7 +19,7 @@ if [ ! -f $OUT/arrow_val/manifest.json ]; then  # held out: another seed
 fi
 [ -f $OUT/tokenizer/tokenizer.json ] || ofa train-tokenizer $OUT/tokenizer --corpus $OUT/arrow --vocab-size 300
 
-deepspeed --num_gpus 2 --master_port "${MASTER_PORT:-29500}" --no_local_rank --log_level warning \
+deepspeed --num_gpus 2 --master_port "${MASTER_PORT:-29500}" --no_local_rank --log_level error \
   --module ofa_ds.cli pretrain configs/pretrain/quickstart.yaml --resume
 
 python3 - <<'PY'

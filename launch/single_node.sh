@@ -16,5 +16,5 @@ else
   NPROC=${NPROC:-2}
 fi
 source "$(dirname "$0")/forward_signals.sh"  # a signal to this script reaches every rank
-forward_signals deepspeed --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29500}" --no_local_rank \
+forward_signals deepspeed --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29500}" --no_local_rank --log_level error \
   --module ofa_ds.cli pretrain "$@"

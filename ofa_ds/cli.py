@@ -13,18 +13,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("ofa_ds.model.convert_cli", "convert an OFA fairseq checkpoint to ofa_ds / safetensors and back"),
     "tsv2arrow": ("ofa_ds.data.tsv2arrow", "convert OFA pretraining TSVs into memory-mapped Arrow shards + manifest"),
     "make-sample-corpus": ("ofa_ds.data.sample_corpus", "write a small synthetic corpus in OFA's TSV layout"),
-    "train-tokenizer": ("data_tools.train_tokenizer", "train a sentencepiece tokenizer (OFA's vocab layout) on corpus text"),
+    "train-tokenizer": ("ofa_ds.data.train_tokenizer", "train a sentencepiece tokenizer (OFA's vocab layout) on corpus text"),
     "pretrain": ("ofa_ds.train.pretrain", "pretrain OFA with DeepSpeed (run under deepspeed/torchrun, or alone for one process)"),
     "export": ("ofa_ds.train.export", "export a (ZeRO) checkpoint to consolidated safetensors and/or an OFA checkpoint"),
     "plot": ("ofa_ds.train.plot", "PNGs of runs' losses, lr, throughput and MFU from their metrics.jsonl"),
     "to-universal": ("ofa_ds.train.universal", "write a checkpoint's layout-free form, to resume it at another parallel layout"),
-    "bench": ("benchmarks.throughput", "throughput of the real training step of a run config (run under deepspeed)"),
+    "bench": ("ofa_ds.train.bench", "throughput of the real training step of a run config (run under deepspeed)"),
     "plan": ("ofa_ds.plan.planner", "the parallel layouts that fit a model on a cluster, with memory and step time"),
     "env": ("ofa_ds.train.env", "report versions, accelerator, distributed backend and compiled extensions"),
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     from ofa_ds import __version__
 
     parser = argparse.ArgumentParser(prog="ofa-ds", description="OFA pretraining on DeepSpeed: convert data, "
@@ -35,7 +35,11 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_, description=help_)
         p.set_defaults(_module=module)
         importlib.import_module(module).add_arguments(p)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return importlib.import_module(args._module).run(args) or 0
     except user_errors() as e:  # bad input: one line, no traceback

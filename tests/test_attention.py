@@ -118,3 +118,34 @@ def test_shape_errors_name_the_argument():
     rel, _ = encoder_rel(1, 3, 5, 3, torch.float32)
     with pytest.raises(ValueError, match=r"rel_pos.text_table must be \(num_buckets, H=2\)"):
         fused_attention(q, q, v, scale=1.0, rel_pos=rel)
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_separate_position_channels_are_the_concatenation(backend):
+    """pos_q / pos_k given separately: the same attention as q, k with them concatenated (cast to q's dtype, as
+    the model did), values and gradients (the position channels' too), on the CPU backends."""
+    B, P, L, H, D = 2, 4, 9, 2, 16
+    S = P + L
+    rel, _ = encoder_rel(B, P, L, H, torch.float64, seed=4)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(B, H, S, D, generator=g, dtype=torch.float64) for _ in range(3))
+    pq, pk = (torch.randn(B, H, S, D, generator=g) for _ in range(2))  # float32: cast to q's dtype
+    kpm = torch.zeros(B, S, dtype=torch.bool)
+    kpm[1, 10:] = True
+    results = []
+    for separate in (True, False):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v, pq, pk, rel.text_table, rel.image_table)]
+        r = rel.with_tables(*leaves[5:])
+        kw = dict(scale=0.3, causal=True, key_padding_mask=kpm, rel_pos=r, backend=backend)
+        if separate:
+            out = fused_attention(*leaves[:3], pos_q=leaves[3], pos_k=leaves[4], **kw)
+        else:
+            out = fused_attention(torch.cat([leaves[0], leaves[3].double()], -1),
+                                  torch.cat([leaves[1], leaves[4].double()], -1), leaves[2], **kw)
+        results.append([out, *torch.autograd.grad(out, leaves, torch.ones_like(out))])
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    with pytest.raises(ValueError, match="pos_q and pos_k go together"):
+        fused_attention(q, k, v, scale=1.0, pos_k=pk)
+    with pytest.raises(ValueError, match=r"pos_q must be \(B, H, Tq, P\) = \(2, 2, 13, P\)"):
+        fused_attention(q, k, v, scale=1.0, pos_q=pq[:, :, :5], pos_k=pk)

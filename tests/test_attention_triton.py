@@ -9,6 +9,10 @@ adds arbitrary shapes, kinds and positions (text positions over the whole 1024 r
 buckets and clamps are hit, image ids including the special id 0); its size is OFA_DS_ATTN_SWEEP
 (default 4 cases; e.g. OFA_DS_ATTN_SWEEP=200 for a long run).
 
+Also: the position channels passed separately (pos_q / pos_k, read in place) against the concatenated
+path (bit-identical), the head-dim pieces (80 = 64 + 16, no padding to 128), and the per-block reduction of
+the table gradients (add_table_grads) against index_add and in the kernel against the per-element atomics.
+
 Tolerance: max |kernel - float64| <= TOL[dtype] * max(1, max |float64|) per tensor. The kernels keep
 fp32 statistics and accumulators; the error is the rounding of the probabilities (and dS) to the
 input dtype before the P @ V / dS @ K products, as FlashAttention does:
@@ -17,15 +21,21 @@ input dtype before the P @ V / dS @ K products, as FlashAttention does:
 """
 from __future__ import annotations
 
+import json
 import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from ofa_ds.kernels.attention import fused_attention
-from ofa_ds.kernels.attention.relpos import (KIND_IMAGE, KIND_TEXT, RelPos, num_image_buckets, num_text_buckets,
-                                             text_bucket_lut)
+from ofa_ds.kernels.attention.relpos import (KIND_IMAGE, KIND_TEXT, RelPos, image_bucket, num_image_buckets,
+                                             num_text_buckets, text_bucket_lut)
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 3e-2}
 N = 42  # image grid
@@ -201,6 +211,43 @@ def test_gpu_ofa_huge_encoder_shape(dtype):
     check(run(dtype, B=2, H=4, Tq=324, Tk=324, dv=80, wqk=160, pad=pad, tokens=(kind, pos)), dtype)
 
 
+COMPILE_SCRIPT = r"""
+import json, sys
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ofa_ds.kernels.attention.triton_bwd import attn_bwd_dkdv, attn_bwd_dq
+from ofa_ds.kernels.attention.triton_fwd import attn_fwd
+
+ptr = dict(LSE="*fp32", DELTA="*fp32", DG="*fp32", KPM="*i8", Q_KIND="*i8", K_KIND="*i8", Q_POS="*i32",
+           K_POS="*i32", LUT="*i32", scale="fp32")
+ptr.update((n, "*bf16") for n in "Q PQ K PK V O DO DQ DPQ DK DPK DV TEXT_T IMAGE_T".split())
+const = dict(MAX_POS=1024, GRID_N=42, CAUSAL=False, HAS_KPM=True, HAS_TEXT=True, HAS_IMAGE=True, HAS_POS=True, D0=64,
+             D1=16, DOT_T=tl.bfloat16, BLOCK_REDUCE=True, BLOCK_M=64, BLOCK_N=64)
+out = {}
+for arch, fn in ((80, attn_fwd), (80, attn_bwd_dq), (80, attn_bwd_dkdv), (90, attn_bwd_dkdv)):
+    c = {k: v for k, v in const.items() if k in fn.arg_names}
+    sig = {n: "constexpr" if n in c else ptr.get(n, "i32") for n in fn.arg_names}
+    k = triton.compile(ASTSource(fn, sig, constexprs=c), target=GPUTarget("cuda", arch, 32),
+                       options=dict(num_warps=4, num_stages=2))
+    out[f"{fn.__name__}_sm{arch}"] = k.metadata.shared
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (Path(triton.__file__).parent / "backends/nvidia/bin/ptxas").exists(), reason="no ptxas")
+def test_kernels_compile_for_a100_and_h100():
+    """The GPU path without a GPU: the kernels (head dim 80 in pieces, separate position channels, the per-block
+    table-gradient reduction's tl.gather) compile through ptxas for sm_80 and sm_90 within an A100's shared memory."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shared = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(shared) == 4 and all(0 < b <= 166912 for b in shared.values()), shared
+
+
 def test_model_with_triton_matches_reference():
     """A tiny OFA (head dim 64) with the Triton attention: same loss and parameter gradients as the
     reference path, on a batch with an image + text sample, a pure-text sample, text and image-code targets."""
@@ -238,3 +285,177 @@ def test_model_with_triton_matches_reference():
     for n in grads_r:  # the 1e-8 floor: k-position biases have an exactly-zero gradient (softmax shift invariance)
         err, ref = (grads_t[n] - grads_r[n]).norm().item(), grads_r[n].norm().item()
         assert err <= 1e-4 * ref + 1e-8, f"{n}: gradient difference norm {err:.3g} vs reference norm {ref:.3g}"
+
+
+# ------------------------------------------------------------------ position channels passed separately
+
+
+def heads(x, d):  # as ofa_ds/model: (B, T, H*d) -> (B, H, T, d), a strided view
+    B, T, _ = x.shape
+    return x.view(B, T, -1, d).transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype,dv,causal,pos_dtype", [(torch.float32, 80, False, torch.float32),
+                                                       (torch.bfloat16, 80, True, torch.float32),
+                                                       (torch.float16, 64, True, torch.float16),
+                                                       (torch.bfloat16, 128, False, torch.bfloat16)], ids=str)
+def test_separate_position_channels_match_concatenated(dtype, dv, causal, pos_dtype):
+    """fused_attention(q, k, v, pos_q=, pos_k=) on the Triton path reads q, k (strided views of one qkv
+    projection, as the model makes them) and the position channels in place: bit-identical to the
+    concatenated call, gradients of the position channels included, and within TOL of float64."""
+    B, H, T = 2, 1, 37
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(B, T, 3 * H * dv, generator=g).to(DEV, dtype)
+    pos = torch.randn(B, T, 2 * H * dv, generator=g).to(DEV, pos_dtype)
+    tables = [torch.randn(n, H, generator=g).to(DEV, dtype) for n in (num_text_buckets(256), num_image_buckets(N))]
+    dout = torch.randn(B, H, T, dv, generator=g).to(DEV, dtype)
+    if causal:
+        kind, posid = decoder_tokens(B, T, [True, False])
+        pad = padding(B, T, [T, 30])
+    else:
+        kind, posid = ENC_KIND, ENC_POS
+        pad = ENC_PAD
+    kind, posid, pad = kind.to(DEV, torch.int8), posid.to(DEV, torch.int32), pad.to(DEV)
+
+    def attend(qkv, pos, text_t, image_t, separate, backend="triton"):
+        q, k, v = (heads(t, dv) for t in qkv.chunk(3, -1))
+        pq, pk = (heads(t, dv) for t in pos.chunk(2, -1))
+        rel = RelPos(kind, posid, kind, posid, text_t, image_t, LUT, N)
+        kw = dict(scale=(2 * dv) ** -0.5, causal=causal, key_padding_mask=pad, rel_pos=rel, backend=backend)
+        if separate:
+            return fused_attention(q, k, v, pos_q=pq, pos_k=pk, **kw)
+        return fused_attention(torch.cat([q, pq.to(q.dtype)], -1), torch.cat([k, pk.to(k.dtype)], -1), v, **kw)
+
+    results = []
+    for separate in (True, False):
+        leaves = [t.detach().requires_grad_() for t in (qkv, pos, *tables)]
+        out = attend(*leaves, separate)
+        results.append([out, *torch.autograd.grad(out, leaves, dout)])
+    names = ["out", "d_qkv", "d_pos", "d_text_table", "d_image_table"]
+    for name, a, b in zip(names, *results):
+        assert a.dtype == b.dtype, name
+        if name.endswith("table") and DEV == "cuda":  # fp32 atomics: summation order varies on a GPU
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(a, b), f"{name}: separate and concatenated position channels differ"
+    leaves = [t.detach().double().requires_grad_() for t in (qkv, pos, *tables)]
+    want = attend(*leaves, True, backend="reference")
+    ref = [want, *torch.autograd.grad(want, leaves, dout.double())]
+    check([(n, a.to(dtype), b) for n, a, b in zip(names, results[0], ref)], dtype)
+
+
+def test_separate_position_channels_errors():
+    q, v = torch.randn(1, 2, 8, 64), torch.randn(1, 2, 8, 64)
+    with pytest.raises(ValueError, match="pos_q and pos_k go together"):
+        fused_attention(q, q, v, scale=1.0, pos_q=q, backend="triton")
+    with pytest.raises(ValueError, match=r"pos_k must be \(B, H, Tk, P\) = \(1, 2, 8, 64\)"):
+        fused_attention(q, q, v, scale=1.0, pos_q=q, pos_k=q[..., :32], backend="triton")
+    with pytest.raises(ValueError, match="separate position channels need q/k width = pos width = head dim"):
+        fused_attention(q, q, v, scale=1.0, pos_q=q[..., :32], pos_k=q[..., :32], backend="triton")
+
+
+# ------------------------------------------------------------------ head dims as power-of-two pieces
+
+
+@pytest.mark.parametrize("dv,pieces", [(64, (64, 0)), (80, (64, 16)), (128, (128, 0))])
+def test_head_dims_run_as_pieces_without_padding(dv, pieces):
+    """The kernels' tiles are the head dim's power-of-two main piece and tail (80 = 64 + 16; q/k 160 =
+    2 x 64 + 2 x 16 with the position channels), never a width padded to 128 / 256; a concatenated q/k is
+    read through views of itself (no copies)."""
+    from ofa_ds.kernels.attention import triton_attention as ta
+
+    assert ta._pieces(dv) == pieces
+    q, v = torch.randn(1, 2, 8, 2 * dv), torch.randn(1, 2, 8, dv)
+    args = ta._kernel_args(q, q, v, None, None, None, None, None, None, 1.0, False)
+    assert (args["D0"], args["D1"], args["HAS_POS"]) == (*pieces, True)  # the tiles' widths: nothing else
+    assert args["Q"].data_ptr() == q.data_ptr() and args["PQ"].data_ptr() == q[..., dv:].data_ptr()
+
+
+def test_head_dim_80_without_position_channels():
+    """q/k width = head dim 80 (no position channels): main + tail pieces on both sides."""
+    res = run(torch.float32, B=2, H=2, Tq=21, Tk=35, dv=80, wqk=80, pad=padding(2, 35, [35, 12]),
+              tokens=encoder_tokens(2, 9, 12, torch.Generator().manual_seed(3)),
+              k_tokens=encoder_tokens(2, 15, 20, torch.Generator().manual_seed(4)))
+    check(res, torch.float32)
+
+
+# ------------------------------------------------------------------ table gradients reduced per block
+
+
+@triton.jit
+def _table_grad_block(COL, DS, DG, N_ATOMICS, BM: tl.constexpr, BN: tl.constexpr):
+    from ofa_ds.kernels.attention.triton_bwd import add_table_grads
+
+    offs = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
+    tl.store(N_ATOMICS, add_table_grads(DG, tl.load(COL + offs), tl.load(DS + offs), BM, BN))
+
+
+def expected_atomics(col):
+    """add_table_grads' count, written out: per part (i >= j, i < j) of each skew column t (i - j = t mod BN),
+    one atomic per bucket if it has at most two, else two plus one per entry at a third bucket."""
+    BM, BN = col.shape
+    i, j = torch.arange(BM)[:, None], torch.arange(BN)[None, :]
+    t = (i - j) % BN
+    n = 0
+    for part in (t <= i, t > i):
+        for c in range(BN):
+            vals = col[(t == c) & part & (col >= 0)].tolist()
+            distinct = sorted(set(vals))
+            n += len(distinct) if len(distinct) <= 2 else 2 + sum(v not in distinct[::len(distinct) - 1] for v in vals)
+    return n
+
+
+def block_patterns(BM, BN, g):
+    """Bucket blocks of OFA's kinds: text at consecutive positions (some pairs masked, log buckets included),
+    image patches in raster order (ids 1 + row*42 + col, rows of 24 patches; id 0 first), and arbitrary."""
+    lut = text_bucket_lut(256, 1024).long()
+    qp, kp = 150 + torch.arange(BM), torch.arange(BN)
+    text = lut[(qp[:, None] - kp[None, :]).clamp(-1023, 1023) + 1023]
+    text[torch.rand(BM, BN, generator=g) < 0.2] = -1
+    raster = torch.arange(24 * 24)
+    ids = torch.cat([torch.zeros(1, dtype=torch.long), 1 + raster // 24 * N + raster % 24])
+    image = image_bucket(ids[5:5 + BM, None], ids[None, :BN], N)
+    mixed = torch.randint(-1, 12, (BM, BN), generator=g)
+    return dict(text=text, image=image, mixed=mixed)
+
+
+@pytest.mark.parametrize("BM,BN", [(16, 16), (16, 32), (32, 16)])
+def test_add_table_grads_block_reduction(BM, BN):
+    """Exact sums per bucket (fp32 vs float64 index_add), with the atomics counted: one per bucket per skew column
+    part, per entry only for a third bucket; for BM <= BN (the kernels' blocks) a text block takes at most
+    BM + BN - 1 atomics and a raster image block at most 2 (BM + BN - 1), of BM * BN entries. BM > BN (several
+    diagonals per part) stays exact, with less reduction."""
+    g = torch.Generator().manual_seed(BM + BN)
+    for name, col in block_patterns(BM, BN, g).items():
+        col = col.to(torch.int32)
+        ds = torch.randn(BM, BN, generator=g)
+        dg = torch.zeros(int(col.max()) + 1, device=DEV)
+        n = torch.zeros(1, dtype=torch.int32, device=DEV)
+        _table_grad_block[(1,)](col.to(DEV), ds.to(DEV), dg, n, BM=BM, BN=BN)
+        live = col >= 0
+        want = torch.zeros(dg.shape, dtype=torch.float64).index_add_(0, col[live].long(), ds[live].double())
+        torch.testing.assert_close(dg.cpu().double(), want, rtol=0, atol=1e-5, msg=name)
+        assert n.item() == expected_atomics(col), name
+        if name == "text" and BM <= BN:
+            assert n.item() <= BM + BN - 1
+        if name == "image" and BM <= BN:
+            assert n.item() <= 2 * (BM + BN - 1) and n.item() < live.sum() // 4
+
+
+@pytest.mark.parametrize("block_reduce", [True, False], ids=["block", "element"])
+def test_table_gradients_reduced_per_block_match_reference(block_reduce, monkeypatch):
+    """Encoder with raster-order patches (24 per row, as OFA without patch sampling) and text, and decoder image
+    codes (BOS id 0): the table gradients through the per-block reduction and through per-element atomics, each
+    against float64."""
+    from ofa_ds.kernels.attention import triton_attention as ta
+
+    monkeypatch.setattr(ta, "BLOCK_REDUCE", block_reduce)
+    B, P, L = 2, 30, 13
+    ids = 1 + torch.arange(P) // 24 * N + torch.arange(P) % 24
+    kind = torch.cat([torch.full((B, P), KIND_IMAGE), torch.full((B, L), KIND_TEXT)], 1)
+    pos = torch.cat([ids.expand(B, P), torch.arange(L).expand(B, L)], 1)
+    pad = torch.cat([torch.zeros(B, P, dtype=torch.bool), padding(B, L, [L, 9])], 1)
+    check(run(torch.float32, B=B, H=1, Tq=P + L, Tk=P + L, dv=64, wqk=128, pad=pad, tokens=(kind, pos)),
+          torch.float32)
+    codes = decoder_tokens(B, 37, [True, True])
+    check(run(torch.float32, B=B, H=1, Tq=37, Tk=37, dv=64, wqk=128, causal=True, tokens=codes), torch.float32)

@@ -53,3 +53,15 @@ def test_launch_scripts_without_arguments_print_their_usage(script):
     done = subprocess.run(["bash", str(H.ROOT / "launch" / script)], capture_output=True, text=True)
     assert done.returncode == 2 and f"launch/{script} " in done.stderr
     assert not any(line.startswith(("#", "set ")) for line in done.stderr.splitlines()), done.stderr
+
+
+def test_every_option_of_every_subcommand_says_what_it_does():
+    import argparse
+
+    from ofa_ds.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    bare = [(name, a.option_strings or a.dest) for name, p in sub.choices.items() for a in p._actions
+            if a.help != argparse.SUPPRESS and not (a.help or "").strip()]
+    assert bare == [], f"options without help text: {bare}"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.cpp_extension import include_paths
 
-import ofa_ds_build as build
+from ofa_ds.kernels.resnet import build
 
 NVCC = shutil.which("nvcc")
 CU_FILES = sorted(p.relative_to(build.ROOT).as_posix() for p in (build.ROOT / build.CSRC).glob("*.cu"))

@@ -61,7 +61,11 @@ def test_impossible_batch_geometry_is_named_against_the_world_size(data, tmp_pat
 
 def test_missing_corpus_and_mismatched_tokenizer(data, tmp_path):
     cfg = H.write_run(tmp_path, data)
-    expect(ConfigError, r"corpus: .*manifest\.json: missing", cfg, f"corpus={tmp_path / 'nowhere'}")
+    expect(ConfigError, r"corpus: .*nowhere does not exist$", cfg, f"corpus={tmp_path / 'nowhere'}")
+    expect(ConfigError, r"corpus: no/such/arrow does not exist \(relative paths resolve from the working directory, ",
+           cfg, "corpus=no/such/arrow")
+    (tmp_path / "empty").mkdir()
+    expect(ConfigError, r"corpus: .*empty/manifest\.json: missing", cfg, f"corpus={tmp_path / 'empty'}")
     expect(ConfigError, r"tokenizer .* has vocab_size %d but the model expects vocab_size 1000" % data["vocab"], cfg,
            "model_overrides.vocab_size=1000")
     expect(ConfigError, r"no tokenizer\.json", cfg, f"data.tokenizer={tmp_path}")

@@ -168,7 +168,7 @@ def test_real_corpus_and_tokenizer_cli(tmp_path, tok):
     """make-sample-corpus -> tsv2arrow -> Corpus -> build_loader (0 and 2 workers); train-tokenizer on it."""
     import argparse
 
-    from data_tools import train_tokenizer
+    from ofa_ds.data import train_tokenizer
     from ofa_ds.data.sample_corpus import SampleConfig, write_sample_corpus
     from ofa_ds.data.shards import Corpus
     from ofa_ds.data.tsv2arrow import ConvertConfig, convert

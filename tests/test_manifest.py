@@ -7,6 +7,7 @@ import sys
 import pretrain_harness as H
 import pytest
 
+from ofa_ds.data.schema import manifest_digest
 from ofa_ds.data.shards import Corpus, CorpusError
 
 
@@ -25,6 +26,9 @@ CORRUPTIONS = {
     "shard twice": (lambda m: m["sources"]["vl"]["shards"].append(dict(_vl(m))), "is listed twice"),
     "unknown source": (lambda m: m["sources"].update(videos={"shards": []}), "unknown source"),
     "rows mismatch": (lambda m: m["sources"]["vl"].update(rows=65), r"sources.vl.rows is 65, its shards hold 64"),
+    # well-formed but wrong: only the manifest's own checksum tells
+    "wrong sha256": (lambda m: _vl(m).update(sha256="0" * 64), "does not match its manifest_sha256"),
+    "no manifest_sha256": (lambda m: m.pop("manifest_sha256"), "does not match its manifest_sha256"),
 }
 
 
@@ -47,6 +51,7 @@ def test_a_corpus_without_vl_rows_fails_before_the_process_group(tmp_path, tmp_p
     shutil.copytree(data["corpus"], root)
     m = json.loads((root / "manifest.json").read_text())
     m["sources"]["vl"] = {"rows": 0, "shards": []}
+    m["manifest_sha256"] = manifest_digest(m)
     (root / "manifest.json").write_text(json.dumps(m))
     run = H.write_run(tmp_path, {**data, "corpus": str(root)})
     done = subprocess.run([sys.executable, "-m", "ofa_ds.cli", "pretrain", str(run)], env=H.env(), cwd=H.ROOT,

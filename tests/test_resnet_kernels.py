@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import ofa_ds_build as build
+from ofa_ds.kernels.resnet import build
 from ofa_ds.kernels.resnet import batch_norm_act, use_backend
 from ofa_ds.kernels.resnet import cuda_ext
 from ofa_ds.model.resnet import ResNet

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 
 from ofa_ds.data.sample_corpus import SampleConfig, write_sample_corpus
-from ofa_ds.data.schema import MANIFEST, SCHEMA_VERSION, schema
+from ofa_ds.data.schema import MANIFEST, MAX_TEXT_CHARS, SCHEMA_VERSION, manifest_digest, schema
 from ofa_ds.data.shards import Corpus, CorpusError
 from ofa_ds.data.tsv2arrow import ConvertConfig, convert
 
@@ -34,11 +34,12 @@ def copy(corpus_dir, tmp_path):
 
 
 def read_plain(root, source):
-    """All rows of a source through plain pyarrow, no ofa_ds code."""
+    """All rows of a source through plain pyarrow, no ofa_ds code (without the row_crc the reader checks)."""
     m = json.loads((root / MANIFEST).read_text())
     rows = []
     for shard in m["sources"][source]["shards"]:
-        rows += pa.ipc.open_file(pa.memory_map(str(root / shard["file"]))).read_all().to_pylist()
+        table = pa.ipc.open_file(pa.memory_map(str(root / shard["file"]))).read_all()
+        rows += table.drop_columns("row_crc").to_pylist()
     return rows
 
 
@@ -117,8 +118,10 @@ def test_verify_accepts_intact_corpus(corpus_dir):
 
 
 def edit_manifest(root, edit):
+    """An edited manifest with a matching manifest_sha256 (what the checks after it must catch)."""
     m = json.loads((root / MANIFEST).read_text())
     edit(m)
+    m["manifest_sha256"] = manifest_digest(m)
     (root / MANIFEST).write_text(json.dumps(m))
 
 
@@ -188,7 +191,8 @@ def test_open_touches_footers_only(tmp_path):
     assert max(resident_fraction(p) for p in shards) < 0.05  # 8 MB shards; footer + readahead only
     assert corpus.text[3]["uniq_id"] == "t3"
     assert resident_fraction(shards[1]) < 0.05
-    assert all(corpus.text[i]["text"] == "".join(text) for i in range(len(corpus.text)))
+    # (the reader cuts text at MAX_TEXT_CHARS, after checking the whole row against its checksum)
+    assert all(corpus.text[i]["text"] == "".join(text)[:MAX_TEXT_CHARS] for i in range(len(corpus.text)))
     assert min(resident_fraction(p) for p in shards) > 0.95
 
 

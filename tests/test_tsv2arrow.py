@@ -125,6 +125,10 @@ def defect_corpus(src: Path):
         ["q4", b64(SMALL), "", "nan?", "nan|!+yes", "", "vqa", "qa"],  # 14 confidence
         ["c8", b64(SMALL), "typo", "", "", "", "coco", "captioning"],  # 15 task_type
         b"c9\t" + b64(encoded(20, 20, "PNG")).encode() + b"\tcrlf line\t\t\t \t\tcaption\r\n",
+        ["q5", b64(SMALL), "", "negative?", "1|!+yes&&-5|!+no", "", "vqa", "qa"],  # 17 confidence (a loss weight)
+        ["g4", b64(SMALL), "off the 32x24 image", "", "40,1,50,9", "", "refcoco", "visual_grounding"],  # 18 box
+        ["c1", b64(SMALL), "the same id again", "", "", "", "coco", "caption"],  # kept, counted as a duplicate id
+        ["c10", b64(SMALL), "x" * 20000, "", "", "", "coco", "caption"],  # kept, counted, read cut to 16384 chars
     ]
     write_tsv(src / "vision_language_examples.tsv", vl_lines)
     img256 = b64(encoded(256, 256, "PNG"))
@@ -139,6 +143,7 @@ def defect_corpus(src: Path):
         ["d1", b64(SMALL), "1,2,10,12,/m/01,person&& 0,0,5.5,6,7,hot dog, with mustard "],
         ["d2", b64(SMALL), "1,2,10"],  # 2 box
         ["d3", b64(SMALL), "1,2,a,12,3,x"],  # 3 box
+        ["d4", b64(SMALL), "1,2,10,12,/m/01,person&&0,30,8,40,7,below the image"],  # 4 box
     ])
     write_tsv(src / "text_examples.tsv", [["t1", "text with | and && and |!+"], ["t2", "a", "b"]])
     (src / "negative_sample" / "all_captions.txt").write_text("first\n\n  second  \n")
@@ -158,6 +163,10 @@ def defect_corpus(src: Path):
              "task_type": "visual_grounding"},
             {"uniq_id": "c9", "image": encoded(20, 20, "PNG"), "caption": "crlf line", "question": "", "answers": [],
              "box": None, "gt_objects": [], "dataset_name": "", "task_type": "caption"},
+            {"uniq_id": "c1", "image": vl_img, "caption": "the same id again", "question": "", "answers": [],
+             "box": None, "gt_objects": [], "dataset_name": "coco", "task_type": "caption"},
+            {"uniq_id": "c10", "image": vl_img, "caption": "x" * 16384, "question": "", "answers": [],
+             "box": None, "gt_objects": [], "dataset_name": "coco", "task_type": "caption"},
         ],
         "text": [{"uniq_id": "t1", "text": "text with | and && and |!+"}],
         "image": [{"image_id": "i1", "image": encoded(256, 256, "PNG"), "codes": [0, 8191] * 128}],
@@ -175,9 +184,10 @@ def defect_corpus(src: Path):
         (vl, 2, "column_count"), (vl, 3, "utf8"), (vl, 5, "base64"), (vl, 6, "image_undecodable"),
         (vl, 7, "image_undecodable"), (vl, 8, "image_too_large"), (vl, 10, "box"), (vl, 11, "box"),
         (vl, 12, "confidence"), (vl, 13, "confidence"), (vl, 14, "confidence"), (vl, 15, "task_type"),
+        (vl, 17, "confidence"), (vl, 18, "box"),
         (txt, 2, "column_count"),
         (im, 2, "codes"), (im, 3, "codes"), (im, 4, "codes"), (im, 5, "image_size"),
-        (det, 2, "box"), (det, 3, "box"),
+        (det, 2, "box"), (det, 3, "box"), (det, 4, "box"),
     ]
     return good, rejected
 
@@ -193,12 +203,16 @@ def test_quarantine_holds_each_bad_line_and_every_good_row_is_kept(tmp_path, cap
     assert [(Path(q["file"]).name, q["line"], q["reason"]) for q in lines] == rejected
     assert all(q["detail"] and q["raw"] for q in lines)
     assert lines[0]["raw"].startswith("c2\t") and len(lines[5]["raw"]) == 300  # raw line, truncated
+    assert "lies entirely outside its 32x24 image" in lines[-1]["detail"]
+    assert "-5" in lines[12]["detail"] and ">= 0" in lines[12]["detail"]
     m = json.loads((tmp_path / "arrow" / MANIFEST).read_text())
-    assert m["rejected"] == {"rows": 19, "by_reason": {"base64": 1, "box": 4, "codes": 3, "column_count": 2,
-                                                      "confidence": 3, "image_size": 1, "image_too_large": 1,
+    assert m["rejected"] == {"rows": 22, "by_reason": {"base64": 1, "box": 6, "codes": 3, "column_count": 2,
+                                                      "confidence": 4, "image_size": 1, "image_too_large": 1,
                                                       "image_undecodable": 2, "task_type": 1, "utf8": 1}}
+    assert m["duplicate_ids"] == {"vl": 1, "text": 0, "image": 0, "detection": 0}
+    assert m["oversized_text"] == {"vl": 1, "text": 0}
     out = capsys.readouterr().out
-    assert "rejected: 19 rows" in out and "    box: 4\n" in out and "    confidence: 3\n" in out
+    assert "rejected: 22 rows" in out and "    box: 6\n" in out and "    confidence: 4\n" in out
 
 
 def test_bad_type2ans_and_existing_manifest_are_clear_errors(tmp_path):

@@ -216,9 +216,14 @@ def _write_negatives(neg: Path, rng: random.Random) -> None:
 def add_arguments(p) -> None:
     d = SampleConfig("")
     p.add_argument("out", help="output directory (OFA's layout: *_examples.tsv, negative_sample/)")
-    for name in ("vl_rows", "text_rows", "image_rows", "detection_rows", "min_size", "max_size",
-                 "distinct_images", "seed"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    helps = {"vl_rows": "vision-language rows (caption, VQA, grounding)", "text_rows": "text-infilling rows",
+             "image_rows": "image-infilling rows (256 px, with VQGAN-style codes)", "detection_rows": "detection rows",
+             "min_size": "smallest side of VL and detection images, pixels (>= 24)",
+             "max_size": "largest side of VL and detection images, pixels",
+             "distinct_images": "distinct images per source; later rows reuse them", "seed": "random seed"}
+    for name, text in helps.items():
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name),
+                       help=f"{text} (default: %(default)s)")
 
 
 def run(args) -> int:

@@ -16,7 +16,9 @@ A converted corpus is a directory that plain `pyarrow` can read without ofa_ds:
 Shards are a pure function of the input rows and the settings (not of chunking, workers or resumption).
 Every record batch of a shard holds `batch_rows` rows (from the manifest) except the shard's last one, so
 row j of a shard is row `j % batch_rows` of batch `j // batch_rows`. Each schema carries the metadata
-`ofa_ds.schema_version` and `ofa_ds.source`.
+`ofa_ds.schema_version` and `ofa_ds.source`. Every source's last column is `row_crc` (uint32): `row_crc()` of
+the row's other values, written at conversion and checked by the reader at each read (a changed byte anywhere in
+a row's data is caught: CRC-32 detects every error burst up to 32 bits).
 
 Sources and columns (OFA_SPEC 5.1 gives the TSV columns they come from):
 
@@ -50,16 +52,23 @@ manifest.json:
    "sources": {source: {"rows": int, "shards": [{"file": relative path, "rows": int, "bytes": int,
                                                   "sha256": hex}]}},
    "totals": {"rows": int, "shards": int, "bytes": int},
-   "rejected": {"rows": int, "by_reason": {reason: int}}}
+   "rejected": {"rows": int, "by_reason": {reason: int}},
+   "duplicate_ids": {source: int},       rows whose uniq_id / image_id an earlier row of the source has (kept)
+   "oversized_text": {source: int},      rows with a text field over MAX_TEXT_CHARS (kept; the loader reads that much)
+   "manifest_sha256": hex}               sha256 of this JSON without this key (sorted keys, compact): an edited or
+                                         corrupted manifest is refused at open
 """
 from __future__ import annotations
 
 import hashlib
+import json
+import struct
+import zlib
 from pathlib import Path
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: row_crc, duplicate_ids, oversized_text, manifest_sha256
 MANIFEST = "manifest.json"
 QUARANTINE = "quarantine.jsonl"
 
@@ -80,6 +89,11 @@ TASK_TYPES = ("caption", "qa", "visual_grounding")
 NUM_CODES = 256
 CODEBOOK_SIZE = 8192
 CODE_IMAGE_SIZE = 256  # the image TSV holds 256x256 images (OFA_SPEC 4.4)
+# A text field longer than this is counted at conversion and cut to it by the reader: OFA keeps at most a few
+# hundred tokens of any field, and a 10 MB caption would cost half a second of tokenising per sample.
+MAX_TEXT_CHARS = 16384
+TEXT_FIELDS = {"vl": ("caption", "question"), "text": ("text",)}
+ID_FIELDS = {"vl": "uniq_id", "text": "uniq_id", "image": "image_id", "detection": "image_id"}
 
 _ANSWER = pa.struct([("answer", pa.string()), ("conf", pa.float64())])
 _BOX = pa.struct(
@@ -108,9 +122,55 @@ _FIELDS = {
 }
 
 
+ROW_CRC = "row_crc"
+
+
 def schema(source: str) -> pa.Schema:
     meta = {"ofa_ds.schema_version": str(SCHEMA_VERSION), "ofa_ds.source": source}
-    return pa.schema(_FIELDS[source], metadata=meta)
+    return pa.schema([*_FIELDS[source], (ROW_CRC, pa.uint32())], metadata=meta)
+
+
+def row_crc(source: str, row: dict) -> int:
+    """CRC-32 of a row's values (every column but row_crc) in a canonical byte form: lengths and type tags
+    around strings, bytes and lists, so that no two different rows share an encoding."""
+    crc = 0
+    for name, _ in _FIELDS[source]:
+        crc = _crc(row[name], crc)
+    return crc
+
+
+def _crc(v, crc: int) -> int:
+    if isinstance(v, (bytes, str)):
+        data = v.encode() if isinstance(v, str) else v
+        crc = zlib.crc32(b"%c%d:" % (115 if isinstance(v, str) else 98, len(data)), crc)  # s / b
+        return zlib.crc32(data, crc)
+    if v is None:
+        return zlib.crc32(b"n", crc)
+    if isinstance(v, float):
+        return zlib.crc32(struct.pack("<cd", b"d", v), crc)
+    if isinstance(v, int):
+        return zlib.crc32(struct.pack("<cq", b"i", v), crc)
+    if isinstance(v, dict):
+        for key in sorted(v):
+            crc = _crc(v[key], crc)
+        return zlib.crc32(b"}", crc)
+    crc = zlib.crc32(b"l%d:" % len(v), crc)
+    if v and all(type(x) is int for x in v):  # image codes: one pack instead of 256 calls
+        return zlib.crc32(struct.pack(f"<{len(v)}q", *v), crc)
+    for x in v:
+        crc = _crc(x, crc)
+    return crc
+
+
+def with_crc(source: str, row: dict) -> dict:
+    row[ROW_CRC] = row_crc(source, row)
+    return row
+
+
+def manifest_digest(m: dict) -> str:
+    """sha256 of a manifest without its manifest_sha256 key, in a canonical JSON form."""
+    body = {k: v for k, v in m.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def sha256(path: Path) -> str:

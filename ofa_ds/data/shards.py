@@ -4,10 +4,14 @@
     corpus.vl[i]        # dict row, O(1): bisect over cumulative shard rows, then batch i // batch_rows
     corpus.negatives.captions[j], corpus.negatives.type2ans["how many"]
 
-Opening reads manifest.json and each shard's footer only (size, Arrow validity, schema, row count); no
-row data is touched and nothing is copied into memory, so start-up and resident memory do not grow with
-the data. `verify()` checks every shard's sha256. A reader opened before `fork` (DataLoader workers)
-re-opens its shards lazily in the child; pickling drops the open shards.
+Opening reads manifest.json (checked against its own sha256) and each shard's footer only (size, Arrow
+validity, schema, row count); no row data is touched and nothing is copied into memory, so start-up and resident
+memory do not grow with the data. A record batch is validated in full (offsets, lengths, UTF-8) the first time a
+process reads from it, and each row read is checked against its row_crc, so a changed byte in a shard is a
+CorpusError naming the file and row at the first read of the rows it touches, never a crash or a changed sample.
+Text fields are cut to schema.MAX_TEXT_CHARS. `verify()` checks every shard's sha256 (reads all data). A reader
+opened before `fork` (DataLoader workers) re-opens its shards lazily in the child; pickling drops the open
+shards.
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from ofa_ds.data.schema import MANIFEST, SCHEMA_VERSION, SOURCES, TSV_SOURCES, schema, sha256
+from ofa_ds.data.schema import (MANIFEST, MAX_TEXT_CHARS, ROW_CRC, SCHEMA_VERSION, SOURCES, TEXT_FIELDS, TSV_SOURCES,
+                                manifest_digest, row_crc, schema, sha256)
 
 
 class CorpusError(Exception):
@@ -93,6 +98,9 @@ def check_manifest(m, path: Path) -> None:
         listed = entry.get("rows", sum(sh["rows"] for sh in shards))
         if listed != sum(sh["rows"] for sh in shards):
             raise CorpusError(f"{where}.rows is {listed!r}, its shards hold {sum(sh['rows'] for sh in shards)}")
+    if m.get("manifest_sha256") != manifest_digest(m):
+        raise CorpusError(f"{path}: its content does not match its manifest_sha256: the manifest was edited or "
+                          "corrupted (a shard's sha256, size or row count may be wrong); re-convert the corpus")
 
 
 def _count(v, positive: bool = False) -> bool:
@@ -107,6 +115,8 @@ class Table:
         self.paths = [root / e["file"] for e in entries]
         self.starts = list(itertools.accumulate((e["rows"] for e in entries), initial=0))  # (shards + 1,)
         self._readers: dict[int, pa.ipc.RecordBatchFileReader] = {}
+        self._valid: set[tuple[int, int]] = set()  # (shard, batch) validated in full by this process
+        self._text = TEXT_FIELDS.get(source, ())
         self._pid = os.getpid()
         for k in range(len(entries)):
             self._reader(k)
@@ -121,15 +131,34 @@ class Table:
         i %= n
         k = bisect.bisect_right(self.starts, i) - 1
         j = i - self.starts[k]
-        batch = self._reader(k).get_batch(j // self.batch_rows)
-        return batch.slice(j % self.batch_rows, 1).to_pylist()[0]
+        where = f"{self.paths[k]}: row {j} ({self.source} row {i})"
+        batch = self._batch(k, j // self.batch_rows, where)
+        try:
+            row = batch.slice(j % self.batch_rows, 1).to_pylist()[0]
+        except Exception as e:  # noqa: BLE001 - untrusted bytes: whatever Arrow or Python raise, name the row
+            raise CorpusError(f"{where}: unreadable ({type(e).__name__}: {e})") from None
+        if row.pop(ROW_CRC) != row_crc(self.source, row):
+            raise CorpusError(f"{where}: its data does not match its checksum: the shard was altered or corrupted")
+        for name in self._text:
+            row[name] = row[name][:MAX_TEXT_CHARS]
+        return row
+
+    def _batch(self, k: int, b: int, where: str) -> pa.RecordBatch:
+        try:
+            batch = self._reader(k).get_batch(b)
+            if (k, b) not in self._valid:
+                batch.validate(full=True)
+                self._valid.add((k, b))
+        except (pa.ArrowException, OSError) as e:
+            raise CorpusError(f"{where}: record batch {b} is corrupt ({e})") from None
+        return batch
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_readers": {}}
+        return {**self.__dict__, "_readers": {}, "_valid": set()}
 
     def _reader(self, k: int) -> pa.ipc.RecordBatchFileReader:
         if self._pid != os.getpid():  # forked: do not share Arrow objects with the parent
-            self._readers, self._pid = {}, os.getpid()
+            self._readers, self._valid, self._pid = {}, set(), os.getpid()
         if k not in self._readers:
             self._readers[k] = self._open(k)
         return self._readers[k]
@@ -144,13 +173,15 @@ class Table:
             raise CorpusError(f"{path}: {size} bytes, the manifest says {entry['bytes']}: truncated or altered")
         try:
             reader = pa.ipc.open_file(_map(path, size))
+            same_schema = reader.schema.equals(schema(self.source), check_metadata=True)
+            rows, b = entry["rows"], self.batch_rows
+            nb = reader.num_record_batches
+            layout = nb == -(-rows // b) and (nb == 0 or reader.get_batch(nb - 1).num_rows == rows - (nb - 1) * b)
         except (pa.ArrowException, OSError) as e:
             raise CorpusError(f"{path}: not a valid Arrow IPC file ({e}): altered or corrupt") from None
-        if not reader.schema.equals(schema(self.source), check_metadata=True):
+        if not same_schema:
             raise CorpusError(f"{path}: schema differs from ofa_ds's {self.source!r} schema v{SCHEMA_VERSION}")
-        rows, b = entry["rows"], self.batch_rows
-        nb = reader.num_record_batches
-        if nb != -(-rows // b) or (nb and reader.get_batch(nb - 1).num_rows != rows - (nb - 1) * b):
+        if not layout:
             raise CorpusError(f"{path}: does not hold the {rows} rows in batches of {b} the manifest lists")
         return reader
 

@@ -6,11 +6,13 @@ SRC holds OFA's release layout (schema.TSV_SOURCES file names and negative_sampl
 that source empty. Lines are parsed in parallel (tsv_rows.py), in input order. Rejected lines go to
 OUT/quarantine.jsonl. A shard is written under a temporary name and renamed when complete; the append-only
 log OUT/.progress.jsonl then records it with the input position after its last row, so an interrupted run
-resumes where it stopped (same settings) without losing or duplicating rows. The manifest is written last.
+resumes where it stopped (same settings) without losing or duplicating rows. The manifest is written last,
+with the counts of kept rows with a repeated id or an oversized text field, and its own sha256.
 """
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import multiprocessing
 import os
@@ -19,11 +21,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image, ImageFile
 from tqdm import tqdm
 
-from ofa_ds.data.schema import (LINE_POOLS, MANIFEST, NEGATIVES_DIR, QUARANTINE, SCHEMA_VERSION, SOURCES,
-                                TSV_SOURCES, TYPE2ANS_FILE, schema, sha256)
+from ofa_ds.data.schema import (ID_FIELDS, LINE_POOLS, MANIFEST, MAX_TEXT_CHARS, NEGATIVES_DIR, QUARANTINE,
+                                SCHEMA_VERSION, SOURCES, TEXT_FIELDS, TSV_SOURCES, TYPE2ANS_FILE, manifest_digest,
+                                schema, sha256, with_crc)
 from ofa_ds.data.tsv_rows import parse_lines
 
 PROGRESS = ".progress.jsonl"
@@ -61,6 +65,7 @@ def convert(cfg: ConvertConfig) -> dict:
             else:
                 _convert_lines(pool, workers, out, source, inputs[source], state, q, cfg)
     manifest = _manifest(out, state, cfg)
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out / MANIFEST)
@@ -204,7 +209,7 @@ def _convert_type2ans(out: Path, path: Path, state: dict, q, cfg: ConvertConfig)
             raise ConversionError(f"{path}: key {k!r} must map to a list of strings")
     rows = [{"answer_type": k, "answers": v} for k, v in data.items()]
     writer = ShardWriter(out, "type2ans", cfg.rows_per_shard, cfg.batch_rows, 0)
-    batch = pa.RecordBatch.from_pylist(rows, schema=schema("type2ans"))
+    batch = pa.RecordBatch.from_pylist([with_crc("type2ans", r) for r in rows], schema=schema("type2ans"))
     for shard, _ in writer.add(batch, [(1, 0)] * len(rows)) + writer.close():
         _record(out, state, {"source": "type2ans", "shard": shard, "next": [1, 0], "quarantine_bytes": q.tell()})
     _record(out, state, {"source": "type2ans", "done": True, "quarantine_bytes": q.tell()})
@@ -275,6 +280,24 @@ class ShardWriter:
         return f"{self.source}-{self.index:05d}.arrow"
 
 
+def _kept_but_odd(out: Path, sources: dict) -> dict:
+    """Rows kept that a user should know of: ids an earlier row of the source already has, and text fields over
+    MAX_TEXT_CHARS. Read from the shards' id and text columns (memory-mapped: no image bytes are touched)."""
+    duplicates, oversized = {}, {}
+    for source, id_field in ID_FIELDS.items():
+        tables = [pa.ipc.open_file(pa.memory_map(str(out / sh["file"]))).read_all()
+                  for sh in sources[source]["shards"]]
+        if not tables:
+            continue
+        table = pa.concat_tables(tables)
+        duplicates[source] = table.num_rows - len(pc.unique(table.column(id_field)))
+        if source in TEXT_FIELDS:
+            lengths = [pc.utf8_length(table.column(f)) for f in TEXT_FIELDS[source]]
+            longest = functools.reduce(pc.max_element_wise, lengths)
+            oversized[source] = int(pc.sum(pc.greater(longest, MAX_TEXT_CHARS)).as_py() or 0)
+    return {"duplicate_ids": duplicates, "oversized_text": oversized}
+
+
 def _manifest(out: Path, state: dict, cfg: ConvertConfig) -> dict:
     sources = {}
     for s in SOURCES:
@@ -290,6 +313,7 @@ def _manifest(out: Path, state: dict, cfg: ConvertConfig) -> dict:
         "totals": {"rows": sum(x["rows"] for x in shards), "shards": len(shards),
                    "bytes": sum(x["bytes"] for x in shards)},
         "rejected": {"rows": sum(reasons.values()), "by_reason": dict(sorted(reasons.items()))},
+        **_kept_but_odd(out, sources),
     }
 
 
@@ -297,10 +321,13 @@ def add_arguments(p) -> None:
     d = ConvertConfig("", "")
     p.add_argument("src", help="directory in OFA's layout: *_examples.tsv and negative_sample/")
     p.add_argument("out", help="output directory (an interrupted conversion into it is resumed)")
-    p.add_argument("--rows-per-shard", type=int, default=d.rows_per_shard)
-    p.add_argument("--batch-rows", type=int, default=d.batch_rows, help="rows per Arrow record batch")
-    p.add_argument("--max-pixels", type=int, default=d.max_pixels, help="reject larger images (width x height)")
-    p.add_argument("--workers", type=int, default=d.workers, help="parsing processes (0: all cores)")
+    p.add_argument("--rows-per-shard", type=int, default=d.rows_per_shard,
+                   help="rows per shard file (default: %(default)s)")
+    p.add_argument("--batch-rows", type=int, default=d.batch_rows,
+                   help="rows per Arrow record batch (default: %(default)s)")
+    p.add_argument("--max-pixels", type=int, default=d.max_pixels,
+                   help="reject larger images, width x height (default: %(default)s, Pillow's bomb limit)")
+    p.add_argument("--workers", type=int, default=d.workers, help="parsing processes (default: 0, all cores)")
 
 
 def run(args) -> int:
@@ -319,6 +346,11 @@ def run(args) -> int:
     print(f"  rejected: {rej['rows']} rows -> {Path(cfg.out) / QUARANTINE}")
     for reason, n in rej["by_reason"].items():
         print(f"    {reason}: {n}")
+    for key, what in (("duplicate_ids", "kept with an id an earlier row has"),
+                      ("oversized_text", f"kept with a text field over {MAX_TEXT_CHARS} chars (read cut to it)")):
+        counts = {s: n for s, n in m[key].items() if n}
+        if counts:
+            print(f"  {what}: " + ", ".join(f"{s} {n}" for s, n in counts.items()))
     t = m["totals"]
     print(f"{t['rows']} rows, {t['bytes'] / 1e6:.1f} MB in {t['shards']} shards, {secs:.2f} s "
           f"({(t['rows'] + rej['rows']) / secs:.0f} rows/s) -> {Path(cfg.out) / MANIFEST}")

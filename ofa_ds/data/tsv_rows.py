@@ -5,7 +5,9 @@ Fields are read as OFA reads them (unify_dataset.py / unify_task.py): qa answers
 `x0,y0,x1,y1,category_id,category_name` joined by `&&`, split on the first 5 commas; image codes
 whitespace-separated. Where OFA would crash or train on garbage, the line is rejected instead, for one of
 these reasons: utf8, column_count, base64, image_undecodable (incl. truncated files), image_too_large
-(over max_pixels), image_size (image-infilling image not 256x256), box, codes, confidence, task_type.
+(over max_pixels), image_size (image-infilling image not 256x256), box (not 4 finite numbers in order, or
+entirely outside its image), codes, confidence (not a finite number >= 0: it becomes a loss weight), task_type.
+Every row gets its checksum (schema.row_crc).
 
 Images are stored as their encoded bytes, with one exception: a progressive JPEG is stored losslessly transcoded
 to baseline (the same DCT coefficients, so the same pixels, checked per image), which the loader decodes 2-3x
@@ -23,7 +25,7 @@ import pyarrow as pa
 import simplejpeg
 from PIL import Image
 
-from ofa_ds.data.schema import CODE_IMAGE_SIZE, CODEBOOK_SIZE, NUM_CODES, TASK_TYPES, TSV_SOURCES, schema
+from ofa_ds.data.schema import CODE_IMAGE_SIZE, CODEBOOK_SIZE, NUM_CODES, TASK_TYPES, TSV_SOURCES, schema, with_crc
 
 try:
     from ofa_ds.data import _jpegtran  # compiled by `pip install` where libjpeg's headers are present
@@ -67,13 +69,13 @@ def parse_line(source: str, line: bytes, max_pixels: int) -> dict | None:
         raise Rejected("utf8", str(e)) from None
     if source in ("captions", "objects"):  # OFA: row.strip(), blank rows dropped
         text = text.strip()
-        return {"caption" if source == "captions" else "object": text} if text else None
+        return with_crc(source, {"caption" if source == "captions" else "object": text}) if text else None
     # OFA reads in text mode (universal newlines) and drops the trailing "\n".
     text = text.removesuffix("\n").removesuffix("\r")
     fields = text.split("\t")
     if len(fields) != TSV_SOURCES[source][1]:
         raise Rejected("column_count", f"{len(fields)} tab-separated columns, expected {TSV_SOURCES[source][1]}")
-    return _PARSERS[source](fields, max_pixels)
+    return with_crc(source, _PARSERS[source](fields, max_pixels))
 
 
 def _vl(f: list[str], max_pixels: int) -> dict:
@@ -81,13 +83,14 @@ def _vl(f: list[str], max_pixels: int) -> dict:
     if task_type not in TASK_TYPES:
         raise Rejected("task_type", f"{task_type!r} is not one of {', '.join(TASK_TYPES)}")
     answers, box = [], None
+    data, size = _image(image, max_pixels)
     if task_type == "qa":
         answers = [_answer(item) for item in refs.split("&&")]
     elif task_type == "visual_grounding":
-        box = _box(refs.strip().split(","), "grounding box")
+        box = _inside(_box(refs.strip().split(","), "grounding box"), size, "grounding box")
     return {
         "uniq_id": uniq_id,
-        "image": _image(image, max_pixels),
+        "image": data,
         "caption": caption,
         "question": question,
         "answers": answers,
@@ -115,19 +118,20 @@ def _image_row(f: list[str], max_pixels: int) -> dict:
     if bad:
         raise Rejected("codes", f"code {bad[0]} outside [0, {CODEBOOK_SIZE - 1}]")
     size = (CODE_IMAGE_SIZE, CODE_IMAGE_SIZE)
-    return {"image_id": image_id, "image": _image(image, max_pixels, size), "codes": values}
+    return {"image_id": image_id, "image": _image(image, max_pixels, size)[0], "codes": values}
 
 
 def _detection(f: list[str], max_pixels: int) -> dict:
     image_id, image, labels = f
+    data, size = _image(image, max_pixels)
     boxes = []
     for item in labels.strip().split("&&"):
         parts = item.strip().split(",", 5)
         if len(parts) != 6:
             raise Rejected("box", f"detection box {item[:80]!r} is not x0,y0,x1,y1,category_id,category_name")
-        x0, y0, x1, y1 = _box(parts[:4], "detection box")
+        x0, y0, x1, y1 = _inside(_box(parts[:4], "detection box"), size, "detection box")
         boxes.append({"x0": x0, "y0": y0, "x1": x1, "y1": y1, "category_id": parts[4], "label": parts[5]})
-    return {"image_id": image_id, "image": _image(image, max_pixels), "boxes": boxes}
+    return {"image_id": image_id, "image": data, "boxes": boxes}
 
 
 _PARSERS = {"vl": _vl, "text": _text, "image": _image_row, "detection": _detection}
@@ -141,8 +145,8 @@ def _answer(item: str) -> dict:
         value = float(conf)
     except ValueError:
         raise Rejected("confidence", f"confidence {conf[:40]!r} is not a number") from None
-    if not math.isfinite(value):
-        raise Rejected("confidence", f"confidence {conf!r} is not finite")
+    if not math.isfinite(value) or value < 0:
+        raise Rejected("confidence", f"confidence {conf!r} is not a finite number >= 0 (it weights the loss)")
     return {"answer": answer, "conf": value}
 
 
@@ -156,8 +160,17 @@ def _box(parts: list[str], what: str) -> list[float]:
     return [x0, y0, x1, y1]
 
 
-def _image(b64: str, max_pixels: int, size: tuple[int, int] | None = None) -> bytes:
-    """Decode OFA's URL-safe base64 and check that Pillow can decode the image fully."""
+def _inside(box: list[float], size: tuple[int, int], what: str) -> list[float]:
+    """A box that overlaps its w x h image; one entirely outside it would become bins pinned to the border."""
+    x0, y0, x1, y1 = box
+    w, h = size
+    if x0 >= w or y0 >= h or x1 <= 0 or y1 <= 0:
+        raise Rejected("box", f"{what} {x0},{y0},{x1},{y1} lies entirely outside its {w}x{h} image")
+    return box
+
+
+def _image(b64: str, max_pixels: int, size: tuple[int, int] | None = None) -> tuple[bytes, tuple[int, int]]:
+    """Decode OFA's URL-safe base64 and check that Pillow can decode the image fully: (bytes to store, (w, h))."""
     try:
         data = base64.urlsafe_b64decode(b64)
     except (binascii.Error, ValueError) as e:
@@ -175,7 +188,7 @@ def _image(b64: str, max_pixels: int, size: tuple[int, int] | None = None) -> by
         raise
     except Exception as e:  # Pillow raises many types for corrupt data
         raise Rejected("image_undecodable", f"{type(e).__name__}: {e}") from None
-    return baseline_jpeg(data)
+    return baseline_jpeg(data), (w, h)
 
 
 def baseline_jpeg(data: bytes) -> bytes:

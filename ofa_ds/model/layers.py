@@ -92,10 +92,11 @@ class Attention(nn.Module):
             q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
         else:
             q, (k, v) = self.q_proj(x), self.kv_proj(memory).chunk(2, dim=-1)
-        q = torch.cat([self._heads(q), pos_q.to(q.dtype)], dim=-1)  # (B, H, T, 2*Dh)
-        k = torch.cat([self._heads(k), pos_k.to(k.dtype)], dim=-1)
-        o = fused_attention(q, k, self._heads(v), scale=self.scale, causal=causal,
-                            key_padding_mask=key_padding_mask, rel_pos=rel_pos, backend=self.backend)
+        # The position channels (B, H, T, Dh), shared by the stack, go in separately: fused_attention casts them to
+        # q's dtype and the Triton kernels read them in place, with no concatenated copy per layer.
+        o = fused_attention(self._heads(q), self._heads(k), self._heads(v), scale=self.scale, causal=causal,
+                            key_padding_mask=key_padding_mask, rel_pos=rel_pos, backend=self.backend,
+                            pos_q=pos_q, pos_k=pos_k)
         o = o * self.c_attn.to(o.dtype)[None, :, None, None]  # (B, H, T, Dh)
         B, _, T, _ = o.shape
         return self.out_proj(o.transpose(1, 2).reshape(B, T, -1))

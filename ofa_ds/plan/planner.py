@@ -209,18 +209,22 @@ def plan(cfg: ModelConfig, cluster: Cluster, batch: Batch, *, precision: str = "
 
 def add_arguments(p) -> None:
     p.add_argument("preset", help="model preset (ofa_tiny ... ofa_7b) or a JSON file of ModelConfig fields")
-    p.add_argument("--nodes", type=int, required=True)
-    p.add_argument("--gpus-per-node", type=int, required=True)
-    p.add_argument("--gpu-memory-gb", type=float, required=True)
+    p.add_argument("--nodes", type=int, required=True, help="nodes of the cluster")
+    p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node")
+    p.add_argument("--gpu-memory-gb", type=float, required=True, help="memory per GPU, GB (80 for A100-80GB)")
     p.add_argument("--global-batch", type=int, required=True, help="VL rows per update")
-    p.add_argument("--intra-node-gbps", type=float, default=300.0, help="GB/s per GPU within a node")
-    p.add_argument("--inter-node-gbps", type=float, default=25.0, help="GB/s per GPU between nodes")
+    p.add_argument("--intra-node-gbps", type=float, default=300.0,
+                   help="GB/s per GPU within a node (default: %(default)s)")
+    p.add_argument("--inter-node-gbps", type=float, default=25.0,
+                   help="GB/s per GPU between nodes (default: %(default)s)")
     p.add_argument("--peak-tflops", type=float, help="dense peak per GPU (default: A100's for the precision)")
-    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for compute")
-    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--mfu", type=float, default=0.4,
+                   help="model FLOPs utilisation assumed for compute (default: %(default)s)")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16",
+                   help="training precision (default: %(default)s)")
     p.add_argument("--deepspeed", help="a DeepSpeed JSON whose zero_optimization buckets to count (default: "
                    "DeepSpeed's defaults)")
-    p.add_argument("--top", type=int, default=10, help="layouts printed (0: all with --json)")
+    p.add_argument("--top", type=int, default=10, help="layouts printed (default: %(default)s; 0: all with --json)")
     p.add_argument("--json", action="store_true", help="print the layouts as JSON, best first")
 
 

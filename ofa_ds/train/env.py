@@ -1,4 +1,6 @@
-"""`ofa-ds env`: what this machine offers a pretraining run (versions, accelerator, backend, compiled ops).
+"""`ofa-ds env`: what this machine offers a pretraining run (versions, accelerator, backend, compiled ops), each
+installed dependency outside the range ofa-ds declares (ofa_ds/dependencies.py; CI tests constraints.txt's versions),
+and whether NVIDIA apex is present.
 
 Run it on every node of a cluster before the first launch; `--json` prints the same as one JSON object.
 """
@@ -10,6 +12,8 @@ import os
 import platform
 import sys
 from pathlib import Path
+
+from ofa_ds.dependencies import check_installed
 
 PACKAGES = ("ofa-ds", "torch", "deepspeed", "megatron-core", "triton", "numpy", "pyarrow", "sentencepiece",
             "safetensors", "tensorboard")
@@ -42,9 +46,27 @@ def report() -> dict:
     }
     backend = {"pretrain_uses": "nccl" if acc.device_name() == "cuda" else "gloo",
                "available": [b for b in ("nccl", "gloo", "mpi") if getattr(dist, f"is_{b}_available")()]}
-    return {"versions": versions, "accelerator": accelerator, "backend": backend,
+    dependencies = {"outside_tested_ranges": check_installed(), "apex": apex_status()}
+    return {"versions": versions, "dependencies": dependencies, "accelerator": accelerator, "backend": backend,
             "extensions": extensions(), "environment": {k: v for k, v in sorted(os.environ.items())
                                                         if k.startswith(ENV_PREFIXES)}}
+
+
+def apex_status() -> str:
+    """NVIDIA apex is optional. PyPI's package named apex is another project: it is reported as not NVIDIA's."""
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec("apex") is None:
+            return "not installed (optional)"
+        nvidia = importlib.util.find_spec("apex.normalization") is not None
+    except Exception as e:  # importing a foreign apex package can fail in any way
+        return f"a package named apex that cannot be imported ({type(e).__name__}): not NVIDIA's apex"
+    if not nvidia:
+        return "a package named apex that is not NVIDIA's (PyPI's apex is unrelated): not used"
+    if importlib.util.find_spec("amp_C") is None:
+        return "NVIDIA apex, Python only (built without its CUDA extensions)"
+    return "NVIDIA apex with its CUDA extensions (amp_C)"
 
 
 def cpu_model() -> str:
@@ -71,7 +93,8 @@ def extensions() -> dict:
     from ofa_ds.kernels.resnet.cuda_ext import extension_status
 
     out = {}
-    builders = {"fused_adam": "FusedAdamBuilder", "cpu_adam": "CPUAdamBuilder", "deepspeed_shm_comm": "ShareMemCommBuilder"}
+    builders = {"fused_adam": "FusedAdamBuilder", "cpu_adam": "CPUAdamBuilder",
+                "deepspeed_shm_comm": "ShareMemCommBuilder"}
     for op in DS_OPS:
         builder = get_accelerator().create_op_builder(builders[op])
         if builder is None:
@@ -95,8 +118,14 @@ def run(args) -> int:
         print(json.dumps(r, indent=1))
         return 0
     lines = [f"ofa-ds env ({sys.executable})"]
-    for section in ("versions", "accelerator", "backend", "extensions", "environment"):
+    for section in ("versions", "dependencies", "accelerator", "backend", "extensions", "environment"):
         lines.append(f"{section}:")
+        if section == "dependencies":  # one line per flag
+            outside = r[section]["outside_tested_ranges"]
+            lines += [f"  WARNING: {line}" for line in outside]
+            lines += [] if outside else ["  every declared dependency is inside its tested range"]
+            lines.append(f"  {'apex':<22} {r[section]['apex']}")
+            continue
         for k, v in r[section].items():
             lines.append(f"  {k:<22} {', '.join(map(str, v)) if isinstance(v, list) else v}")
     print("\n".join(lines))

@@ -16,6 +16,7 @@ without saving, so `latest` stays on the last good checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -102,6 +103,12 @@ def prepare(args, data: bool = True) -> Plan:
     overrides += [f"out_dir={args.out_dir}"] if args.out_dir else []
     overrides += [f"init_from={args.init_from}"] if args.init_from else []
     run = load_run_config(args.config, overrides)
+    for key in ("deepspeed", "corpus", "val_corpus", "init_from"):
+        path = getattr(run, key)
+        if path and (data or key in ("deepspeed", "init_from")) and not Path(path).exists():
+            relative = not Path(path).is_absolute()
+            where = f" (relative paths resolve from the working directory, {Path.cwd()})" if relative else ""
+            raise ConfigError(f"{key}: {path} does not exist{where}")
     model = run.model_config()
     ws = world_size()
     ds = load_ds_config(run.deepspeed)
@@ -122,7 +129,7 @@ def prepare(args, data: bool = True) -> Plan:
         tokenizer = load_tokenizer(run.data.tokenizer, num_codes=run.data.num_codes, num_bins=run.data.num_bins,
                                    vocab_size=model.vocab_size)
     if run.init_from and not Path(run.init_from).is_file():
-        raise ConfigError(f"init_from: {run.init_from} does not exist")
+        raise ConfigError(f"init_from: {run.init_from} is not a file")
 
     out_dir = Path(run.out_dir)
     resume, relayout = None, False
@@ -191,13 +198,21 @@ def run(args) -> int:
         # megatron-core's sequence-parallel linears overlap their gathers with compute only if CUDA runs kernels in
         # the order they are queued (Megatron's launchers set it too); before CUDA starts
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    from ofa_ds.data.shards import CorpusError
+    from ofa_ds.data.tasks import DataError
     from ofa_ds.train.engine import KernelMismatch, init_distributed
 
-    backend = init_distributed()
+    logs = plan.out_dir / "logs"  # third-party chatter (DeepSpeed's op builds) stays here, out of the user's way
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / f"deepspeed_rank{os.environ.get('RANK', '0')}.log", "a") as log, contextlib.redirect_stdout(log):
+        backend = init_distributed()
     try:
         return Trainer(plan, backend).fit()
-    except (Diverged, CheckpointError, KernelMismatch) as e:
-        print(f"ofa-ds pretrain: {e}", file=sys.stderr)
+    except (Diverged, CheckpointError, KernelMismatch, CorpusError, DataError) as e:
+        message = str(e)
+        if "Original Traceback" in message:  # a DataLoader worker's error, wrapped with the worker's traceback
+            message = message.strip().splitlines()[-1]
+        print(f"ofa-ds pretrain: {message}", file=sys.stderr)
         import torch.distributed as dist
 
         dist.destroy_process_group()  # a process that exits with its group's threads running aborts
@@ -433,8 +448,11 @@ class Trainer:
                 "world_size": self.world, "parallel": self.run_cfg.parallel.describe(self.world), "model": self.plan.model.to_dict(), "config": run,
                 "config_hash": checkpoint.config_hash(run), "model_hash": checkpoint.config_hash(self.plan.model.to_dict()),
                 "ds_config": self.plan.ds, "time": time.time()}
+        t0 = time.perf_counter()
         tag_dir = checkpoint.save(self.engine, self.plan.out_dir / "checkpoints", meta, self.train.keep_last)
-        self.metrics.print(f"step {self.step}: checkpoint {tag_dir}")
+        seconds = time.perf_counter() - t0  # what a pre-emption's grace period must cover (launch/README.md)
+        size = sum(f.stat().st_size for f in tag_dir.rglob("*") if f.is_file()) if self.rank == 0 else 0
+        self.metrics.print(f"step {self.step}: checkpoint {tag_dir} ({size / 1e9:.2f} GB in {seconds:.1f} s)")
 
     def summary(self) -> str:
         from ofa_ds.model.ofa import OFAModel
@@ -479,7 +497,8 @@ class Trainer:
             ("data", data + f"; tokenizer {d.tokenizer} (V={p.tokenizer.vocab_size})"),
             ("flops", f"~{one_row / 1e9:.2f} GFLOP per VL row (analytic); peak "
                       + (f"{self.peak:.3g} TFLOP/s per device ({self.peak_source})" if self.peak else self.peak_source)),
-            ("output", f"{p.out_dir}: checkpoints every {t.save_every} (keep {t.keep_last}), tb/, metrics.jsonl"),
+            ("output", f"{p.out_dir}: checkpoints every {t.save_every} (keep {t.keep_last}), tb/, metrics.jsonl, "
+                       "logs/ (DeepSpeed's own messages)"),
         ]
         return summary(rows)
 

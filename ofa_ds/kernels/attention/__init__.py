@@ -1,13 +1,18 @@
 """The one attention entry point of ofa-ds.
 
-    out = fused_attention(q, k, v, scale=..., causal=..., key_padding_mask=..., rel_pos=...)
+    out = fused_attention(q, k, v, scale=..., causal=..., key_padding_mask=..., rel_pos=...,
+                          pos_q=None, pos_k=None)
 
 q (B, H, Tq, Dqk), k (B, H, Tk, Dqk), v (B, H, Tk, Dv) -> out (B, H, Tq, Dv).
 
 OFA's untied absolute-position term rides in q/k as extra channels (`[q, q_pos] . [k, k_pos]`, so Dqk
-is the head dim plus the position channels); the relative term is `rel_pos` (see relpos.py), gathered
-from per-layer tables. `scale` multiplies the whole dot product. Masked keys get -inf; a query row
-whose keys are all masked yields zeros (never NaN). Gradients reach q, k, v and the tables.
+is the head dim plus the position channels), either already concatenated into q and k (pos_q = pos_k =
+None) or passed as pos_q (B, H, Tq, P), pos_k (B, H, Tk, P), cast to q's dtype: the same attention as
+`cat([q, pos_q], -1)`, `cat([k, pos_k], -1)`, which the "reference" and "sdpa" backends build and the
+"triton" kernels do not (they read the position channels, shared by a layer stack, in place). The
+relative term is `rel_pos` (see relpos.py), gathered from per-layer tables. `scale` multiplies the whole
+dot product. Masked keys get -inf; a query row whose keys are all masked yields zeros (never NaN).
+Gradients reach q, k, v, pos_q, pos_k and the tables.
 
 Backends: "reference" (plain PyTorch, materialised bias, fp32 softmax as OFA), "sdpa" (torch SDPA with
 a materialised float bias; the CPU default), "triton" (the fused kernel; the CUDA default).
@@ -26,14 +31,18 @@ BACKENDS = ("auto", "reference", "sdpa", "triton")
 
 
 def fused_attention(q, k, v, *, scale: float, causal: bool = False, key_padding_mask=None,
-                    rel_pos: RelPos | None = None, backend: str | None = None) -> torch.Tensor:
-    check_inputs(q, k, v, causal=causal, key_padding_mask=key_padding_mask, rel_pos=rel_pos)
+                    rel_pos: RelPos | None = None, backend: str | None = None, pos_q=None,
+                    pos_k=None) -> torch.Tensor:
+    check_inputs(q, k, v, causal=causal, key_padding_mask=key_padding_mask, rel_pos=rel_pos, pos_q=pos_q,
+                 pos_k=pos_k)
     backend = resolve_backend(backend, q)
     if backend == "triton":
         from .triton_attention import triton_attention
 
         return triton_attention(q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask,
-                                rel_pos=rel_pos)
+                                rel_pos=rel_pos, pos_q=pos_q, pos_k=pos_k)
+    if pos_q is not None:
+        q, k = torch.cat([q, pos_q.to(q.dtype)], -1), torch.cat([k, pos_k.to(k.dtype)], -1)
     fn = reference_attention if backend == "reference" else sdpa_attention
     return fn(q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask, rel_pos=rel_pos)
 
@@ -56,13 +65,21 @@ def triton_available() -> bool:
     return True
 
 
-def check_inputs(q, k, v, *, causal, key_padding_mask, rel_pos) -> None:
+def check_inputs(q, k, v, *, causal, key_padding_mask, rel_pos, pos_q=None, pos_k=None) -> None:
     """Shape and dtype errors before any kernel launches, naming the offending argument."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be (B, H, T, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     B, H, Tq, Dqk = q.shape
     if k.shape[:2] != (B, H) or k.shape[3] != Dqk:
         raise ValueError(f"k {tuple(k.shape)} does not match q {tuple(q.shape)} in batch, heads or q/k width")
+    if (pos_q is None) != (pos_k is None):
+        raise ValueError("pos_q and pos_k go together: give both or neither")
+    if pos_q is not None:
+        if pos_q.dim() != 4 or pos_q.shape[:3] != q.shape[:3]:
+            raise ValueError(f"pos_q must be (B, H, Tq, P) = ({B}, {H}, {Tq}, P), got {tuple(pos_q.shape)}")
+        if pos_k.dim() != 4 or pos_k.shape[:3] != k.shape[:3] or pos_k.shape[3] != pos_q.shape[3]:
+            raise ValueError(f"pos_k must be (B, H, Tk, P) = ({B}, {H}, {k.shape[2]}, {pos_q.shape[3]}), got "
+                             f"{tuple(pos_k.shape)}")
     if v.shape[:3] != k.shape[:3]:
         raise ValueError(f"v {tuple(v.shape)} does not match k {tuple(k.shape)} in batch, heads or length")
     if not (q.dtype == k.dtype == v.dtype):

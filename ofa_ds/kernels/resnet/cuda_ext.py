@@ -9,17 +9,18 @@ import functools
 import importlib.util
 import logging
 import os
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from . import FUSED_DTYPES
+from . import build
 
-ROOT = Path(__file__).resolve().parents[3]  # the source tree: ofa_ds_build.py and csrc/ (JIT builds only)
 PREBUILT = "ofa_ds.kernels.resnet._C"
 log = logging.getLogger(__name__)
+# torch 2.13 renamed all_gather_into_tensor to all_gather_single (the old name now warns); older torch has the old one.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class ExtensionNotBuilt(RuntimeError):
@@ -41,8 +42,8 @@ def _jit_unavailable() -> str | None:
 
     if CUDA_HOME is None:
         return "no CUDA toolkit (nvcc) for a JIT build"
-    if not (ROOT / "ofa_ds_build.py").exists():
-        return f"no csrc/resnet sources under {ROOT} (install from a source checkout)"
+    if not build.sources_present():
+        return f"no csrc/resnet sources under {build.ROOT} (this ofa-ds was built without them)"
     return None
 
 
@@ -58,12 +59,10 @@ def _load() -> tuple[str, str]:
         return "", why
     from torch.utils import cpp_extension
 
-    spec = importlib.util.spec_from_file_location("ofa_ds_build", ROOT / "ofa_ds_build.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
     log.info("compiling the ResNet CUDA extension (once; cached by torch.utils.cpp_extension)")
     try:
-        cpp_extension.load(name="ofa_resnet_cuda", sources=[str(ROOT / s) for s in (build.BINDING, *build.KERNELS)],
+        sources = [str(build.ROOT / s) for s in (build.BINDING, *build.KERNELS)]
+        cpp_extension.load(name="ofa_resnet_cuda", sources=sources,
                            extra_cflags=build.CXX_FLAGS, extra_cuda_cflags=build.NVCC_FLAGS, is_python_module=False)
     except (RuntimeError, OSError, ImportError) as e:
         log.warning("ResNet CUDA extension: JIT build failed, using torch ops: %s", e)
@@ -130,7 +129,7 @@ class _BatchNormAct(torch.autograd.Function):
             stats = ops.welford_stats(x)  # (3, C): mean, m2, count of this rank
             if group is not None:
                 gathered = stats.new_empty((dist.get_world_size(group) * 3, x.shape[1]))
-                dist.all_gather_single(gathered, stats, group=group)
+                _all_gather_single(gathered, stats, group=group)
                 stats = ops.welford_combine(gathered.view(-1, 3, x.shape[1]))  # Chan's combine over ranks
         y, mean, invstd = ops.bn_act_forward(x, residual, stats, weight, bias, running_mean, running_var, training,
                                              momentum, eps, relu)
