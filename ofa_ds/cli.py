@@ -39,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        # what DeepSpeed would pick, without its "Setting accelerator to CPU" warning on every command
+        os.environ["DS_ACCELERATOR"] = "cpu"
     args = build_parser().parse_args(argv)
     try:
         return importlib.import_module(args._module).run(args) or 0

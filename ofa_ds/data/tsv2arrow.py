@@ -16,6 +16,7 @@ import functools
 import json
 import multiprocessing
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -333,12 +334,15 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     cfg = ConvertConfig(args.src, args.out, args.rows_per_shard, args.batch_rows, args.max_pixels, args.workers)
     if min(cfg.rows_per_shard, cfg.batch_rows, cfg.max_pixels) < 1 or cfg.workers < 0:
-        raise SystemExit("tsv2arrow: --rows-per-shard, --batch-rows and --max-pixels must be >= 1, --workers >= 0")
+        print("ofa-ds tsv2arrow: --rows-per-shard, --batch-rows and --max-pixels must be >= 1, --workers >= 0",
+              file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     try:
         m = convert(cfg)
-    except ConversionError as e:
-        raise SystemExit(f"tsv2arrow: {e}") from None
+    except ConversionError as e:  # bad input: one line, exit 2 (as cli.main's other user errors)
+        print(f"ofa-ds tsv2arrow: {e}", file=sys.stderr)
+        return 2
     secs = time.perf_counter() - t0
     for s, v in m["sources"].items():
         print(f"{s:>10}: {v['rows']:>10} rows in {len(v['shards'])} shards")

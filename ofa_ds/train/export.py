@@ -148,7 +148,7 @@ def run(args) -> int:
         cfg, sd = consolidated_state_dict(tag_dir)
     except (ConfigError, CheckpointError) as e:
         print(f"ofa-ds export: {e}", file=sys.stderr)
-        return 1
+        return 2
     for out in args.out:
         (save_safetensors if out.suffix == ".safetensors" else save_ofa_checkpoint)(sd, cfg, out)
         print(f"{tag_dir} -> {out}")
