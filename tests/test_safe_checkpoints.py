@@ -76,7 +76,7 @@ def test_a_poisoned_pipeline_layer_file_is_refused(tmp_path, tmp_path_factory):
     marker = tmp_path / "ran"
     poison(layer, marker)
     done = _cli("export", str(tag), str(tmp_path / "out.safetensors"))
-    assert done.returncode == 1 and f"{layer}: refused" in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 2 and f"{layer}: refused" in done.stderr and "Traceback" not in done.stderr
     assert not marker.exists()
 
 
