@@ -15,6 +15,7 @@ The CUDA extension for the ResNet kernels (csrc/resnet) is built when CUDA is av
 it, OFA_DS_BUILD_CUDA=0 skips it. Its sources also ship in the package (ofa_ds/kernels/resnet/csrc/, mapped from
 csrc/resnet, the one copy in the repository), so an installed ofa-ds can compile it on first use on a CUDA machine.
 """
+
 import os
 import runpy
 
@@ -43,11 +44,23 @@ def cuda_extensions():
 ext_modules, cmdclass = cuda_extensions()
 if os.environ.get("OFA_DS_BUILD_C") != "0":
     # -ffp-contract=off: the filter taps must be computed without FMA, as Pillow's are.
-    ext_modules.append(Extension("ofa_ds.data._pixel_ops", [f"csrc/resample/{f}.c" for f in ("module", "bicubic",
-                                 "affine", "sharpen", "planar")], optional=True,
-                                 extra_compile_args=["-O3", "-ffp-contract=off", "-std=c11"]))
-    ext_modules.append(Extension("ofa_ds.data._jpegtran", ["csrc/jpegtran/baseline.c"], libraries=["jpeg"],
-                                 optional=True, extra_compile_args=["-O2", "-std=c11"]))
+    ext_modules.append(
+        Extension(
+            "ofa_ds.data._pixel_ops",
+            [f"csrc/resample/{f}.c" for f in ("module", "bicubic", "affine", "sharpen", "planar")],
+            optional=True,
+            extra_compile_args=["-O3", "-ffp-contract=off", "-std=c11"],
+        )
+    )
+    ext_modules.append(
+        Extension(
+            "ofa_ds.data._jpegtran",
+            ["csrc/jpegtran/baseline.c"],
+            libraries=["jpeg"],
+            optional=True,
+            extra_compile_args=["-O2", "-std=c11"],
+        )
+    )
 
 setup(
     name="ofa-ds",
@@ -56,8 +69,10 @@ setup(
     # ofa_ds only: data_tools/ and benchmarks/ are scripts in the checkout, not installed packages.
     packages=[*find_packages(include=["ofa_ds", "ofa_ds.*"]), "ofa_ds.kernels.resnet.csrc"],
     package_dir={"ofa_ds.kernels.resnet.csrc": "csrc/resnet"},
-    package_data={"ofa_ds": ["assets/ofa_bpe/*", "assets/sample_images/*"],
-                  "ofa_ds.kernels.resnet.csrc": ["*.cu", "*.cuh", "*.cpp", "*.h"]},
+    package_data={
+        "ofa_ds": ["assets/ofa_bpe/*", "assets/sample_images/*"],
+        "ofa_ds.kernels.resnet.csrc": ["*.cu", "*.cuh", "*.cpp", "*.h"],
+    },
     python_requires=">=3.10",
     install_requires=DEPS["INSTALL_REQUIRES"],
     extras_require=DEPS["EXTRAS_REQUIRE"],

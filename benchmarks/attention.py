@@ -27,6 +27,7 @@ Without CUDA there are no timings (they are pending hardware). The script then s
   and per sample, measured with autograd saved-tensor hooks for the reference and SDPA paths at full size,
   and for the kernel computed (lse + out) and checked by the same measurement at a small size.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,6 +42,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import emit  # noqa: E402
 from ofa_ds.kernels.attention import KIND_IMAGE, KIND_TEXT, RelPos, fused_attention  # noqa: E402
 from ofa_ds.kernels.attention.relpos import num_image_buckets, num_text_buckets, text_bucket_lut  # noqa: E402
 
@@ -62,30 +64,45 @@ def ofa_problem(kind, a, b, *, B, H, d, dtype, device, seed=0):
         kinds = torch.cat([torch.full((B, a), KIND_IMAGE), torch.full((B, b), KIND_TEXT)], 1)
         pos = torch.cat([1 + ids // 24 * N + ids % 24, torch.arange(b).expand(B, b)], 1)
         pad = torch.zeros(B, a + b, dtype=torch.bool)
-        pad[1::2, a + 3 * b // 4:] = True
+        pad[1::2, a + 3 * b // 4 :] = True
         causal = False
     else:  # decoder: text positions, or OFA's image_position_idx (0 for BOS, 16 x 16 code grid, then 1024)
-        code = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.arange(256) // 16 * N + torch.arange(256) % 16,
-                          torch.full((1024,), 1024)])
+        code = torch.cat(
+            [
+                torch.zeros(1, dtype=torch.long),
+                1 + torch.arange(256) // 16 * N + torch.arange(256) % 16,
+                torch.full((1024,), 1024),
+            ]
+        )
         kinds = torch.full((B, a), KIND_IMAGE if kind == "decoder_code" else KIND_TEXT)
         pos = (code[:a] if kind == "decoder_code" else torch.arange(a)).expand(B, a)
         pad = torch.zeros(B, a, dtype=torch.bool)
         if kind == "decoder_text":
-            pad[1::2, 3 * a // 4:] = True
+            pad[1::2, 3 * a // 4 :] = True
         causal = True
     S = kinds.shape[1]
     rnd = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
     q, k, v = rnd(B, H, S, 2 * d), rnd(B, H, S, 2 * d), rnd(B, H, S, d)
     kinds, pos = kinds.to(device, torch.int8), pos.to(device, torch.int32)
-    rel = RelPos(kinds, pos, kinds, pos, rnd(num_text_buckets(256), H), rnd(num_image_buckets(N), H),
-                 text_bucket_lut(256, 1024, device), N)
+    rel = RelPos(
+        kinds,
+        pos,
+        kinds,
+        pos,
+        rnd(num_text_buckets(256), H),
+        rnd(num_image_buckets(N), H),
+        text_bucket_lut(256, 1024, device),
+        N,
+    )
     return q, k, v, rel, pad.to(device), causal
 
 
 def run_backend(backend):
     def f(q, k, v, rel, pad, causal):
-        return fused_attention(q, k, v, scale=(q.shape[-1]) ** -0.5, causal=causal, key_padding_mask=pad,
-                               rel_pos=rel, backend=backend)
+        return fused_attention(
+            q, k, v, scale=(q.shape[-1]) ** -0.5, causal=causal, key_padding_mask=pad, rel_pos=rel, backend=backend
+        )
+
     return f
 
 
@@ -125,8 +142,10 @@ def flex(compiled):
 
         if (id(pad), causal) not in masks:  # keeps `pad` alive, so its id is not reused
             masks[id(pad), causal] = pad, create_block_mask(mask_mod, B, None, S, S, device=q.device)
-        return fn(q, k, v, score_mod=flex_score_mod(rel), block_mask=masks[id(pad), causal][1],
-                  scale=q.shape[-1] ** -0.5)
+        return fn(
+            q, k, v, score_mod=flex_score_mod(rel), block_mask=masks[id(pad), causal][1], scale=q.shape[-1] ** -0.5
+        )
+
     return f
 
 
@@ -143,8 +162,12 @@ def flash2_no_bias(q, k, v, rel, pad, causal):
 
 def gpu_bench(args, shapes=None, heads=None) -> list[dict]:
     """Rows for `shapes` (names of SHAPES; default all) x `heads` ((head dim, heads) pairs; default HEADS)."""
-    impls = {"ofa_ds_triton": run_backend("triton"), "sdpa_bias": run_backend("sdpa"), "flex_score_mod": flex(True),
-             "flash_attn2_no_bias": flash2_no_bias}
+    impls = {
+        "ofa_ds_triton": run_backend("triton"),
+        "sdpa_bias": run_backend("sdpa"),
+        "flex_score_mod": flex(True),
+        "flash_attn2_no_bias": flash2_no_bias,
+    }
     rows = []
     for shape in shapes or SHAPES:
         kind, a, b = SHAPES[shape]
@@ -212,8 +235,12 @@ def sweep(n: int, device: str = "cpu") -> list[dict]:
     tensor. CPU at small sizes; CUDA at OFA's lengths (so the kernels run several blocks)."""
     dtypes, kinds = (torch.float32, torch.float16, torch.bfloat16), ("encoder", "decoder_text", "decoder_code")
     # A Latin square per block of 9: every dtype x head dim pair, each pair of (dtype or dim) and kind once.
-    cases = [(dtype, d, kinds[(i + j + shift) % 3]) for shift in range(3) for i, dtype in enumerate(dtypes)
-             for j, d in enumerate(HEADS)]
+    cases = [
+        (dtype, d, kinds[(i + j + shift) % 3])
+        for shift in range(3)
+        for i, dtype in enumerate(dtypes)
+        for j, d in enumerate(HEADS)
+    ]
     rows = []
     for i in range(n):
         dtype, d, kind = cases[i % len(cases)]
@@ -225,8 +252,10 @@ def sweep(n: int, device: str = "cpu") -> list[dict]:
             leaves = [cast(t).detach().requires_grad_() for t in (q, k, v, rel.text_table, rel.image_table)]
             out = run_backend(backend)(*leaves[:3], rel.with_tables(*leaves[3:]), pad, causal)
             res.append([out, *torch.autograd.grad(out, leaves, cast(dout))])
-        errs = {name: (a.double() - b).abs().max().item() / max(1.0, b.abs().max().item())
-                for name, a, b in zip(("out", "dq", "dk", "dv", "d_text_table", "d_image_table"), *res)}
+        errs = {
+            name: (a.double() - b).abs().max().item() / max(1.0, b.abs().max().item())
+            for name, a, b in zip(("out", "dq", "dk", "dv", "d_text_table", "d_image_table"), *res)
+        }
         rows.append(dict(dtype=str(dtype), head_dim=d, kind=kind, seq=a + b, rel_err=errs))
         print(json.dumps(rows[-1]), file=sys.stderr)
     return rows
@@ -279,8 +308,9 @@ def memory_argument() -> dict:
             row[f"{backend}_saved_bytes_measured"] = saved_bytes(run_backend(backend), problem)
         row["triton_lse_bytes_computed"] = H * S * 4  # the kernel's only state beyond its inputs and output
         row["triton_saved_bytes_computed"] = H * S * 4 + H * S * d * 2  # lse fp32 + out
-        row["reference_over_triton"] = round(row["reference_saved_bytes_measured"]
-                                             / row["triton_saved_bytes_computed"], 1)
+        row["reference_over_triton"] = round(
+            row["reference_saved_bytes_measured"] / row["triton_saved_bytes_computed"], 1
+        )
         out[shape] = row
     # The kernel's formula checked by measurement (interpreter forward, small size).
     S, h = 40, 2
@@ -302,17 +332,15 @@ def main():
     if torch.cuda.is_available():
         result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=gpu_bench(args))
     else:
-        note = ("no CUDA device: no timings (pending hardware); ran the Triton interpreter correctness sweep, "
-                "the FlexAttention score_mod check and the memory argument only")
+        note = (
+            "no CUDA device: no timings (pending hardware); ran the Triton interpreter correctness sweep, "
+            "the FlexAttention score_mod check and the memory argument only"
+        )
         print(note, file=sys.stderr)
-        result = dict(device="cpu", note=note, sweep=sweep(args.sweep), flex_check=flex_check(),
-                      memory=memory_argument())
-    text = json.dumps(result, indent=1)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    else:
-        print(text)
+        result = dict(
+            device="cpu", note=note, sweep=sweep(args.sweep), flex_check=flex_check(), memory=memory_argument()
+        )
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

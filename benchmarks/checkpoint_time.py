@@ -13,6 +13,7 @@ filesystem's rate per node is what matters on a cluster: rerun with `--work` on 
 The grace periods to compare with: launch/slurm.sbatch asks Slurm for SIGTERM 300 s before the time limit; the
 deepspeed and torchrun launchers SIGKILL ranks 30 s after forwarding a SIGTERM.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,11 +30,18 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import emit  # noqa: E402
 from ofa_ds.config import RunConfig  # noqa: E402
 from ofa_ds.plan.memory import counts  # noqa: E402
 
-CLUSTER_CONFIGS = ("ofa_huge_a100x8", "ofa_3b_a100x8", "ofa_7b_a100x8", "ofa_huge_a100x32", "ofa_3b_a100x32",
-                   "ofa_7b_a100x32")
+CLUSTER_CONFIGS = (
+    "ofa_huge_a100x8",
+    "ofa_3b_a100x8",
+    "ofa_7b_a100x8",
+    "ofa_huge_a100x32",
+    "ofa_3b_a100x32",
+    "ofa_7b_a100x32",
+)
 GRACE_S = {"slurm.sbatch --signal=TERM@300": 300, "launcher SIGTERM -> SIGKILL": 30}
 
 
@@ -47,20 +55,54 @@ def _env() -> dict:
 def measure(preset: str, work: Path) -> dict:
     data = work / "arrow"
     if not (data / "manifest.json").is_file():
-        for cmd in (["make-sample-corpus", str(work / "tsv"), "--vl-rows", "16", "--text-rows", "4", "--image-rows",
-                     "2", "--detection-rows", "2", "--min-size", "32", "--max-size", "32"],
-                    ["tsv2arrow", str(work / "tsv"), str(data), "--workers", "1"]):
+        for cmd in (
+            [
+                "make-sample-corpus",
+                str(work / "tsv"),
+                "--vl-rows",
+                "16",
+                "--text-rows",
+                "4",
+                "--image-rows",
+                "2",
+                "--detection-rows",
+                "2",
+                "--min-size",
+                "32",
+                "--max-size",
+                "32",
+            ],
+            ["tsv2arrow", str(work / "tsv"), str(data), "--workers", "1"],
+        ):
             subprocess.run([sys.executable, "-m", "ofa_ds.cli", *cmd], check=True, capture_output=True, env=_env())
-    ds = {"gradient_clipping": 1.0, "zero_optimization": {"stage": 1},
-          "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}
+    ds = {
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": 1},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
+    }
     (work / "ds.json").write_text(json.dumps(ds))
-    run = {"model": preset, "corpus": str(data), "deepspeed": str(work / "ds.json"), "out_dir": str(work / preset),
-           "data": {"image_size": 32, "extra_image_size": 32, "sample_patch_num": 2, "num_workers": 0,
-                    "tokenizer": "ofa_bpe"},
-           "train": {"steps": 1, "global_batch": 1, "micro_batch": 1, "save_every": 1, "keep_last": 1}}
+    run = {
+        "model": preset,
+        "corpus": str(data),
+        "deepspeed": str(work / "ds.json"),
+        "out_dir": str(work / preset),
+        "data": {
+            "image_size": 32,
+            "extra_image_size": 32,
+            "sample_patch_num": 2,
+            "num_workers": 0,
+            "tokenizer": "ofa_bpe",
+        },
+        "train": {"steps": 1, "global_batch": 1, "micro_batch": 1, "save_every": 1, "keep_last": 1},
+    }
     (work / f"{preset}.yaml").write_text(yaml.safe_dump(run))
-    done = subprocess.run([sys.executable, "-m", "ofa_ds.cli", "pretrain", str(work / f"{preset}.yaml")], env=_env(),
-                          capture_output=True, text=True, cwd=work)
+    done = subprocess.run(
+        [sys.executable, "-m", "ofa_ds.cli", "pretrain", str(work / f"{preset}.yaml")],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        cwd=work,
+    )
     found = re.search(r"checkpoint \S+ \(([\d.]+) GB in ([\d.]+) s\)", done.stdout + done.stderr)
     if done.returncode != 0 or found is None:
         raise SystemExit(f"{preset}: pretrain failed (rc {done.returncode}):\n{done.stderr[-2000:]}")
@@ -75,13 +117,18 @@ def cluster_estimate(name: str, gb_per_s: float) -> dict:
     dp = gpus // (tp * pp)
     rank_params = counts(cfg.model_config(), tp, pp).params
     gb = (2 * rank_params + 12 * rank_params / dp) / 1e9
-    return {"config": name, "layout": f"TP {tp} x PP {pp} x DP {dp}", "slowest_rank_gb": round(gb, 2),
-            "seconds_at_measured_rate": round(gb / gb_per_s, 1)}
+    return {
+        "config": name,
+        "layout": f"TP {tp} x PP {pp} x DP {dp}",
+        "slowest_rank_gb": round(gb, 2),
+        "seconds_at_measured_rate": round(gb / gb_per_s, 1),
+    }
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--work", help="scratch directory (default: a temporary one); on the filesystem to measure")
     p.add_argument("--measure", nargs="+", default=["ofa_tiny", "ofa_base"], help="presets to checkpoint for real")
     p.add_argument("--out", help="also write the results to this JSON file")
@@ -91,12 +138,14 @@ def main(argv=None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         measured = [measure(preset, work) for preset in args.measure]
     rate = measured[-1]["gb_per_s"]  # the largest checkpoint's rate
-    result = {"measured": measured, "grace_periods_s": GRACE_S, "write_rate_gb_per_s": rate,
-              "clusters": [cluster_estimate(name, rate) for name in CLUSTER_CONFIGS],
-              "command": " ".join(["python", "benchmarks/checkpoint_time.py", *sys.argv[1:]])}
-    print(json.dumps(result, indent=1))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    result = {
+        "measured": measured,
+        "grace_periods_s": GRACE_S,
+        "write_rate_gb_per_s": rate,
+        "clusters": [cluster_estimate(name, rate) for name in CLUSTER_CONFIGS],
+        "command": " ".join(["python", "benchmarks/checkpoint_time.py", *sys.argv[1:]]),
+    }
+    emit(result, args.out)
     return 0
 
 

@@ -18,6 +18,7 @@ The requirement (issue 15): zero crashes, zero unnamed errors, zero undetected c
 It also measures the integrity checks' cost per row on the intact corpus: a row read with its checks
 (`Table[i]`: the record batch validated once per process, the row checksum) against the same read without them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,6 +35,7 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import emit  # noqa: E402
 from ofa_ds.data.sample_corpus import SampleConfig, write_sample_corpus  # noqa: E402
 from ofa_ds.data.schema import MANIFEST  # noqa: E402
 from ofa_ds.data.shards import Corpus, CorpusError  # noqa: E402
@@ -47,8 +49,18 @@ _CODES = {name: 10 + i for i, name in enumerate(OUTCOMES)}
 def build(work: Path) -> Path:
     corpus = work / "arrow"
     if not (corpus / MANIFEST).is_file():
-        src = write_sample_corpus(SampleConfig(str(work / "tsv"), vl_rows=24, text_rows=4, image_rows=2,
-                                               detection_rows=2, min_size=64, max_size=64, distinct_images=24))
+        src = write_sample_corpus(
+            SampleConfig(
+                str(work / "tsv"),
+                vl_rows=24,
+                text_rows=4,
+                image_rows=2,
+                detection_rows=2,
+                min_size=64,
+                max_size=64,
+                distinct_images=24,
+            )
+        )
         convert(ConvertConfig(str(src), str(corpus), rows_per_shard=24, batch_rows=4, workers=1))
     return corpus
 
@@ -118,8 +130,14 @@ def sweep(corpus: Path, flips: int, seed: int) -> dict:
         counts[outcome] += 1
         if outcome in ("crash", "unnamed_error", "undetected_change"):
             bad.append({"position": position, "xor": xor, "outcome": outcome})
-    return {"shard_bytes": len(original), "rows": len(want), "flips": flips, "seed": seed, "outcomes": counts,
-            "failures": bad}
+    return {
+        "shard_bytes": len(original),
+        "rows": len(want),
+        "flips": flips,
+        "seed": seed,
+        "outcomes": counts,
+        "failures": bad,
+    }
 
 
 def check_cost(corpus: Path, repeats: int = 50) -> dict:
@@ -154,12 +172,15 @@ def main(argv=None) -> int:
     copy = work / "flipped"
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(corpus, copy)
-    result = {"sweep": sweep(copy, args.flips, args.seed), "cost": check_cost(corpus),
-              "python": platform.python_version(), "pyarrow": pa.__version__, "machine": platform.processor()
-              or platform.machine(), "command": " ".join(["python", "benchmarks/corruption_sweep.py", *sys.argv[1:]])}
-    print(json.dumps(result, indent=1))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    result = {
+        "sweep": sweep(copy, args.flips, args.seed),
+        "cost": check_cost(corpus),
+        "python": platform.python_version(),
+        "pyarrow": pa.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "command": " ".join(["python", "benchmarks/corruption_sweep.py", *sys.argv[1:]]),
+    }
+    emit(result, args.out)
     return 0
 
 

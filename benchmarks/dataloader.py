@@ -33,6 +33,7 @@ Start-up (time to first batch, fresh process, files in the page cache) and peak 
 with ofa_ds's tools; 1M is the 100k corpus ten times: TSV lines concatenated, Arrow shards hard-linked and
 listed ten times in the manifest (start-up depends on the number of rows and shards, not on their content).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -113,9 +114,11 @@ def replicate(tsv: Path, arrow: Path, out_tsv: Path, out_arrow: Path, times: int
                 os.link(arrow / s["file"], out_arrow / name)
                 shards.append(dict(s, file=name))
         entry["shards"], entry["rows"] = shards, sum(s["rows"] for s in shards)
-    manifest["totals"] = {"rows": sum(e["rows"] for e in manifest["sources"].values()),
-                          "shards": sum(len(e["shards"]) for e in manifest["sources"].values()),
-                          "bytes": sum(s["bytes"] for e in manifest["sources"].values() for s in e["shards"])}
+    manifest["totals"] = {
+        "rows": sum(e["rows"] for e in manifest["sources"].values()),
+        "shards": sum(len(e["shards"]) for e in manifest["sources"].values()),
+        "bytes": sum(s["bytes"] for e in manifest["sources"].values() for s in e["shards"]),
+    }
     (out_arrow / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -151,20 +154,32 @@ def _b64(s: str) -> bytes:
 
 def _parse_vl(c):
     uid, image, caption, question, refs, gt, dataset, task = c
-    answers = [{"answer": a.split("|!+")[1], "conf": float(a.split("|!+")[0])} for a in refs.split("&&")] \
-        if task == "qa" else []
+    answers = (
+        [{"answer": a.split("|!+")[1], "conf": float(a.split("|!+")[0])} for a in refs.split("&&")]
+        if task == "qa"
+        else []
+    )
     box = [float(v) for v in refs.strip().split(",")] if task == "visual_grounding" else None
-    return {"uniq_id": uid, "image": _b64(image), "caption": caption, "question": question, "answers": answers,
-            "box": box, "gt_objects": gt.strip().split("&&") if gt.strip() else [], "dataset_name": dataset,
-            "task_type": task}
+    return {
+        "uniq_id": uid,
+        "image": _b64(image),
+        "caption": caption,
+        "question": question,
+        "answers": answers,
+        "box": box,
+        "gt_objects": gt.strip().split("&&") if gt.strip() else [],
+        "dataset_name": dataset,
+        "task_type": task,
+    }
 
 
 def _parse_detection(c):
     boxes = []
     for label in c[2].strip().split("&&"):
         x0, y0, x1, y1, cat_id, cat = label.strip().split(",", 5)
-        boxes.append({"x0": float(x0), "y0": float(y0), "x1": float(x1), "y1": float(y1), "category_id": cat_id,
-                      "label": cat})
+        boxes.append(
+            {"x0": float(x0), "y0": float(y0), "x1": float(x1), "y1": float(y1), "category_id": cat_id, "label": cat}
+        )
     return {"image_id": c[0], "image": _b64(c[1]), "boxes": boxes}
 
 
@@ -174,13 +189,18 @@ class OFACorpus:
 
         self.vl = OFATable(tsv / "vision_language_examples.tsv", _parse_vl)
         self.text = OFATable(tsv / "text_examples.tsv", lambda c: {"uniq_id": c[0], "text": c[1]})
-        self.image = OFATable(tsv / "image_examples.tsv", lambda c: {"image_id": c[0], "image": _b64(c[1]),
-                                                                    "codes": [int(x) for x in c[2].split()]})
+        self.image = OFATable(
+            tsv / "image_examples.tsv",
+            lambda c: {"image_id": c[0], "image": _b64(c[1]), "codes": [int(x) for x in c[2].split()]},
+        )
         self.detection = OFATable(tsv / "detection_examples.tsv", _parse_detection)
         neg = tsv / "negative_sample"
         lines = lambda f: [r.strip() for r in open(neg / f) if r.strip()]  # noqa: E731
-        self.negatives = SimpleNamespace(captions=lines("all_captions.txt"), objects=lines("object.txt"),
-                                         type2ans=json.loads((neg / "type2ans.json").read_text()))
+        self.negatives = SimpleNamespace(
+            captions=lines("all_captions.txt"),
+            objects=lines("object.txt"),
+            type2ans=json.loads((neg / "type2ans.json").read_text()),
+        )
 
 
 def ofa_transforms():
@@ -248,9 +268,14 @@ def ofa_transforms():
         x[:, s // 4 : 3 * s // 4, s // 4 : 3 * s // 4] = 0
         return x
 
-    return SimpleNamespace(caption_image=caption_image, grounding_image=grounding_image,
-                           detection_image=detection_image, infilling_image=infilling_image,
-                           infilling_hole=T.infilling_hole, quantize=T.quantize)
+    return SimpleNamespace(
+        caption_image=caption_image,
+        grounding_image=grounding_image,
+        detection_image=detection_image,
+        infilling_image=infilling_image,
+        infilling_hole=T.infilling_hole,
+        quantize=T.quantize,
+    )
 
 
 def ofa_collate(examples, image_size, pad):
@@ -260,10 +285,14 @@ def ofa_collate(examples, image_size, pad):
 
     from ofa_ds.data.collate import token_fields
 
-    images = [torch.from_numpy(e.image) if e.image is not None else torch.zeros(3, image_size, image_size)
-              for e in examples]
-    stream = {**token_fields(examples, pad), "patch_images": torch.stack(images),
-              "patch_masks": torch.tensor([e.image is not None for e in examples])}
+    images = [
+        torch.from_numpy(e.image) if e.image is not None else torch.zeros(3, image_size, image_size) for e in examples
+    ]
+    stream = {
+        **token_fields(examples, pad),
+        "patch_images": torch.stack(images),
+        "patch_masks": torch.tensor([e.image is not None for e in examples]),
+    }
     if examples[0].patch_idx is not None:
         stream["patch_idx"] = torch.from_numpy(np.stack([e.patch_idx for e in examples]))
     return stream
@@ -296,8 +325,18 @@ def child(mode: str, path: str, workers: int, batches: int, cfg: dict, step_s: f
     if mode == "ofa_ds":
         corpus = Corpus(path)
         opened = time.perf_counter()
-        it = iter(loader.build_loader(corpus, tok, data_cfg, dp_rank=0, dp_size=1, micro_batch=MICRO_BATCH,
-                                      consumed_samples=0, num_workers=workers))
+        it = iter(
+            loader.build_loader(
+                corpus,
+                tok,
+                data_cfg,
+                dp_rank=0,
+                dp_size=1,
+                micro_batch=MICRO_BATCH,
+                consumed_samples=0,
+                num_workers=workers,
+            )
+        )
         get = lambda k: next(it)  # noqa: E731
     else:
         tasks.transforms, loader.collate = ofa_transforms(), ofa_collate
@@ -307,8 +346,13 @@ def child(mode: str, path: str, workers: int, batches: int, cfg: dict, step_s: f
         get = loader.MicroBatches(corpus, tok, data_cfg, sampler).__getitem__
     get(0)
     first = time.perf_counter()
-    out = {"tokenizer_s": t1 - t0, "open_s": opened - t1, "first_batch_s": first - t1,
-           "rss_growth_mb": _rss_mb() - rss1, "rss_mb": _rss_mb()}
+    out = {
+        "tokenizer_s": t1 - t0,
+        "open_s": opened - t1,
+        "first_batch_s": first - t1,
+        "rss_growth_mb": _rss_mb() - rss1,
+        "rss_mb": _rss_mb(),
+    }
     if batches and step_s:  # a training loop whose step takes step_s (a GPU busy, this core free): time blocked
         waits = []
         for k in range(1, 1 + batches):
@@ -350,10 +394,18 @@ def instructions_per_row(mode: str, path: Path, batches: int = 4) -> float:
     counts = []
     for n in (2, 2 + batches):
         with tempfile.TemporaryDirectory() as tmp:
-            args = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out", sys.executable, __file__,
-                    "--child", json.dumps([mode, str(path), 0, n, {}])]
-            res = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                                 cwd=ROOT)
+            args = [
+                "valgrind",
+                "--tool=callgrind",
+                f"--callgrind-out-file={tmp}/out",
+                sys.executable,
+                __file__,
+                "--child",
+                json.dumps([mode, str(path), 0, n, {}]),
+            ]
+            res = subprocess.run(
+                args, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=ROOT
+            )
         found = re.search(r"Collected : (\d+)", res.stderr)
         if res.returncode or not found:
             raise RuntimeError(f"callgrind {mode} {path} failed:\n{res.stderr[-3000:]}")
@@ -367,8 +419,11 @@ def instructions(tsv: Path, arrow: Path) -> dict:
 
 
 def throughput(tsv: Path, arrow: Path, batches: int, repeats: int) -> dict:
-    modes = {"ofa_tsv": ("ofa_tsv", tsv, 0), "ofa_ds_0_workers": ("ofa_ds", arrow, 0),
-             "ofa_ds_2_workers": ("ofa_ds", arrow, 2)}
+    modes = {
+        "ofa_tsv": ("ofa_tsv", tsv, 0),
+        "ofa_ds_0_workers": ("ofa_ds", arrow, 0),
+        "ofa_ds_2_workers": ("ofa_ds", arrow, 2),
+    }
     runs = {k: [] for k in modes}
     for _ in range(repeats):  # interleaved, so the machine's drift affects every mode alike
         for k, (mode, path, workers) in modes.items():
@@ -378,7 +433,9 @@ def throughput(tsv: Path, arrow: Path, batches: int, repeats: int) -> dict:
         return statistics.median(x[key] / y[key] for x, y in zip(runs[a], runs[b]))
 
     med = {k: statistics.median(r["rows_per_s"] for r in v) for k, v in runs.items()}
-    med_cpu = {k: statistics.median(r["rows_per_cpu_s"] for r in v) for k, v in runs.items() if "rows_per_cpu_s" in v[0]}
+    med_cpu = {
+        k: statistics.median(r["rows_per_cpu_s"] for r in v) for k, v in runs.items() if "rows_per_cpu_s" in v[0]
+    }
     # A consumer that takes 8 rows every step_s, with the loader's 2-worker rate (the slowest repeat) 25% above it.
     slowest = min(r["rows_per_s"] for r in runs["ofa_ds_2_workers"])
     step_s = MICRO_BATCH / (0.8 * slowest)
@@ -425,8 +482,11 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=24, help="micro-batches of 8 rows timed per run")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--startup-rows", type=int, nargs="*", default=[1000, 100_000, 1_000_000])
-    p.add_argument("--instructions", action="store_true", help="also count instructions per row with callgrind "
-                   "(about 15 minutes per corpus)")
+    p.add_argument(
+        "--instructions",
+        action="store_true",
+        help="also count instructions per row with callgrind (about 15 minutes per corpus)",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -436,15 +496,22 @@ def main() -> None:
     from ofa_ds.train.env import report
 
     work = Path(args.work)
-    result = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "cpus": len(os.sched_getaffinity(0)),
-              "env": report(), "micro_batch_rows": MICRO_BATCH, "throughput": {}, "startup": {}}
+    result = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "cpus": len(os.sched_getaffinity(0)),
+        "env": report(),
+        "micro_batch_rows": MICRO_BATCH,
+        "throughput": {},
+        "startup": {},
+    }
     make_corpus(work / "tp_tsv", work / "tp_arrow", **THROUGHPUT)
     result["throughput"]["synthetic"] = throughput(work / "tp_tsv", work / "tp_arrow", args.batches, args.repeats)
     print(json.dumps({k: v for k, v in result["throughput"]["synthetic"].items() if k != "runs"}), flush=True)
     if args.photos:
         with_photos(work / "tp_tsv", work / "photo_tsv", work / "photo_arrow", args.photos)
-        result["throughput"]["photos"] = throughput(work / "photo_tsv", work / "photo_arrow", args.batches,
-                                                    args.repeats)
+        result["throughput"]["photos"] = throughput(
+            work / "photo_tsv", work / "photo_arrow", args.batches, args.repeats
+        )
         result["throughput"]["photos"]["files"] = args.photos
         print(json.dumps({k: v for k, v in result["throughput"]["photos"].items() if k != "runs"}), flush=True)
     measured = result["throughput"]["photos" if args.photos else "synthetic"]["rows_per_cpu_s"]["ofa_ds_0_workers"]
@@ -458,8 +525,11 @@ def main() -> None:
             replicate(work / f"su{n // 10}_tsv", work / f"su{n // 10}_arrow", tsv, arrow, 10)
         else:
             make_corpus(tsv, arrow, vl_rows=n, text_rows=n // 8, image_rows=n // 8, detection_rows=n // 8, **small)
-        result["startup"][str(n)] = {"ofa_tsv": run_child("ofa_tsv", tsv), "ofa_ds": run_child("ofa_ds", arrow),
-                                     "tsv_bytes": sum(f.stat().st_size for f in tsv.glob("*.tsv"))}
+        result["startup"][str(n)] = {
+            "ofa_tsv": run_child("ofa_tsv", tsv),
+            "ofa_ds": run_child("ofa_ds", arrow),
+            "tsv_bytes": sum(f.stat().st_size for f in tsv.glob("*.tsv")),
+        }
         print(json.dumps({n: result["startup"][str(n)]}), flush=True)
 
     if args.instructions:  # last: immune to other load, so the timed parts above can be run on a quiet machine
@@ -467,8 +537,10 @@ def main() -> None:
         for name in result["throughput"]:
             tsv, arrow = corpora[name]
             result["throughput"][name]["instructions_per_row"] = instructions(work / tsv, work / arrow)
-            print(json.dumps({name: {"instructions_per_row": result["throughput"][name]["instructions_per_row"]}}),
-                  flush=True)
+            print(
+                json.dumps({name: {"instructions_per_row": result["throughput"][name]["instructions_per_row"]}}),
+                flush=True,
+            )
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

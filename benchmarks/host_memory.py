@@ -6,6 +6,7 @@ its time, page faults and resident memory, with glibc's default malloc and with 
 Steps vary as real streams do: each draws 1 or 2 images (2 examples each, sharing it) and a source length in
 [30, 60] from a seeded generator, the same sequence for both settings. Each setting runs in its own process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,6 +19,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import emit  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -57,15 +60,21 @@ def measure(a) -> dict:
         logits = model(stream)
         torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten()).backward()
         model.zero_grad(set_to_none=True)
-        steps.append({"images": images, "step_s": round(time.perf_counter() - t, 3),
-                      "page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults,
-                      "rss_mb": round(rss_mb())})
+        steps.append(
+            {
+                "images": images,
+                "step_s": round(time.perf_counter() - t, 3),
+                "page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults,
+                "rss_mb": round(rss_mb()),
+            }
+        )
     return {"setting": a.one, "kept": kept, "threads": torch.get_num_threads(), "steps": steps}
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--preset", default="ofa_base", help="model preset")
     p.add_argument("--image-size", type=int, default=384, help="image side in pixels")
     p.add_argument("--steps", type=int, default=30, help="training steps per setting")
@@ -79,16 +88,17 @@ def main() -> None:
     for setting in ("default", "kept"):
         argv = [sys.executable, __file__, *sys.argv[1:], "--one", setting]
         runs.append(json.loads(subprocess.run(argv, check=True, capture_output=True, text=True).stdout))
-    later = {r["setting"]: r["steps"][len(r["steps"]) // 3:] for r in runs}  # after the first third (warm-up)
-    summary = {s: {"page_faults_per_step": sum(x["page_faults"] for x in st) / len(st),
-                   "step_s_total": round(sum(x["step_s"] for x in st), 2),
-                   "rss_mb_min_max": [min(x["rss_mb"] for x in st), max(x["rss_mb"] for x in st)]}
-               for s, st in later.items()}
+    later = {r["setting"]: r["steps"][len(r["steps"]) // 3 :] for r in runs}  # after the first third (warm-up)
+    summary = {
+        s: {
+            "page_faults_per_step": sum(x["page_faults"] for x in st) / len(st),
+            "step_s_total": round(sum(x["step_s"] for x in st), 2),
+            "rss_mb_min_max": [min(x["rss_mb"] for x in st), max(x["rss_mb"] for x in st)],
+        }
+        for s, st in later.items()
+    }
     doc = {"preset": a.preset, "image_size": a.image_size, "summary_after_first_third": summary, "runs": runs}
-    text = json.dumps(doc, indent=1)
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text + "\n")
+    emit(doc, a.out)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ stage ("share") and what ZeRO leaves resident ("resident"), split into transform
 the ResNet and the rest. Step time is the median of updates 2-6 (`perf/step_s`, wall clock of one update) on this
 machine, whose ranks share its cores: a comparison of layouts here, not a GPU figure.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,7 @@ def model_states(path: Path) -> dict:
     from ofa_ds.model.ofa import OFAModel
     from ofa_ds.parallel.pipeline import layer_prefixes
     from ofa_ds.parallel.tensor import shard
-    from ofa_ds.train.engine import load_ds_config, zero_stage
+    from ofa_ds.train.ds_json import load_ds_config, zero_stage
 
     run = RunConfig.from_dict(load_dict(path))
     world = int(re.search(r"x(\d+)\.yaml$", path.name).group(1))
@@ -66,12 +67,17 @@ def model_states(path: Path) -> dict:
     else:
         layer_types = [1 if ".layers." in pre else 0 for pre in prefixes]
         bounds = partition_balanced(weights=layer_types, num_parts=p)
-        stages = [sum(per_layer[bounds[s]:bounds[s + 1]]) for s in range(p)]
+        stages = [sum(per_layer[bounds[s] : bounds[s + 1]]) for s in range(p)]
     most = max(stages)
     per_gpu = most * (2 + (4 / dp if stage >= 2 else 4) + 12 / dp)
-    return {"gpus": world, "layout": run.parallel.describe(world), "zero_stage": stage,
-            "parameters": model.num_parameters(), "parameters_per_gpu": most,
-            "model_state_gib_per_gpu": round(per_gpu / 2**30, 2)}
+    return {
+        "gpus": world,
+        "layout": run.parallel.describe(world),
+        "zero_stage": stage,
+        "parameters": model.num_parameters(),
+        "parameters_per_gpu": most,
+        "model_state_gib_per_gpu": round(per_gpu / 2**30, 2),
+    }
 
 
 def main() -> None:
@@ -97,13 +103,24 @@ def main() -> None:
         ranks, parallel, stage, _ = T.LAYOUTS[name]
         per_rank = [json.loads((d / "bytes" / f"rank{r}.json").read_text()) for r in range(ranks)]
         steps = H.metrics(d / "run", "perf/step_s")
-        rows[name] = {"ranks": ranks, "parallel": parallel, "zero_stage": stage, "bytes_per_rank": per_rank,
-                      "step_s_median": statistics.median(steps[k] for k in range(2, 7))}
+        rows[name] = {
+            "ranks": ranks,
+            "parallel": parallel,
+            "zero_stage": stage,
+            "bytes_per_rank": per_rank,
+            "step_s_median": statistics.median(steps[k] for k in range(2, 7)),
+        }
         total = [sum(v for k, v in b.items() if not k.endswith("_resident")) for b in per_rank]
-        print(f"{name:15s} ranks {ranks}  share MB per rank {[round(t / 2**20, 2) for t in total]}  "
-              f"step {rows[name]['step_s_median']:.3f} s", flush=True)
-    result = {"model": {**H.TINY_MODEL, "vocab_size": H.tiny_data(a.work / "tiny_data")["vocab"]},
-              "layouts": rows, "env": report()}
+        print(
+            f"{name:15s} ranks {ranks}  share MB per rank {[round(t / 2**20, 2) for t in total]}  "
+            f"step {rows[name]['step_s_median']:.3f} s",
+            flush=True,
+        )
+    result = {
+        "model": {**H.TINY_MODEL, "vocab_size": H.tiny_data(a.work / "tiny_data")["vocab"]},
+        "layouts": rows,
+        "env": report(),
+    }
     if a.out:
         a.out.write_text(json.dumps(result, indent=1) + "\n")
 

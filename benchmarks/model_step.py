@@ -12,6 +12,7 @@ resident baseline) is not shared between them. FLOPs are flops.py's count of the
 fp32 matmul's on the same device and threads (the best of the runs before and after the steps), for comparison.
 On CPU the process keeps freed memory for the next step, as the trainer does (train/host_memory.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,6 +25,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import emit  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -74,7 +77,7 @@ def measure(a) -> dict:
     if a.shared > 1:
         stream["image_index"] = torch.arange(B) // a.shared
     if 0 < a.patches < grid:
-        stream["patch_idx"] = torch.stack([torch.randperm(grid, generator=g)[:a.patches] for _ in range(B)])
+        stream["patch_idx"] = torch.stack([torch.randperm(grid, generator=g)[: a.patches] for _ in range(B)])
     stream = {k: v.to(dev) for k, v in stream.items()}
     target = torch.randint(4, 50000, (B, a.tgt_len), generator=g).to(dev)
 
@@ -96,22 +99,66 @@ def measure(a) -> dict:
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base)
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if dev.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    )
     median = statistics.median(times)
     flops = train_flops(cfg, [stream_shape(stream)])
-    return {"preset": a.preset, "attn": a.one, "device": dev.type, "dtype": a.dtype, "batch": B, "image_size": R,
-            "images": B // a.shared, "patches": a.patches if 0 < a.patches < grid else grid, "src_len": a.src_len,
-            "tgt_len": a.tgt_len, "threads": torch.get_num_threads(), "params": model.num_parameters(),
-            "step_s_median": median, "step_s_all": times, "step_flops": flops, "flops_per_s": flops / median,
-            "gemm_flops_per_s": max(gemm_before, gemm_rate(dev)), "host_memory_kept": kept,
-            "peak_mem_mb": round(peak, 1), "peak_mem_kind": "cuda max allocated" if dev.type == "cuda"
-            else "peak RSS above the resident model (includes the first steps' allocator growth)"}
+    result = {
+        "preset": a.preset,
+        "attn": a.one,
+        "device": dev.type,
+        "dtype": a.dtype,
+        "batch": B,
+        "image_size": R,
+        "images": B // a.shared,
+        "patches": a.patches if 0 < a.patches < grid else grid,
+        "src_len": a.src_len,
+        "tgt_len": a.tgt_len,
+        "threads": torch.get_num_threads(),
+        "params": model.num_parameters(),
+        "step_s_median": median,
+        "step_s_all": times,
+        "step_flops": flops,
+        "flops_per_s": flops / median,
+        "gemm_flops_per_s": max(gemm_before, gemm_rate(dev)),
+        "host_memory_kept": kept,
+        "peak_mem_mb": round(peak, 1),
+        "peak_mem_kind": "cuda max allocated"
+        if dev.type == "cuda"
+        else "peak RSS above the resident model (includes the first steps' allocator growth)",
+    }
+    if a.profile:
+        result["profile"] = profile_step(step, a.profile)
+    return result
+
+
+def profile_step(step, top: int) -> list[dict]:
+    """One more step under torch's profiler: the `top` operators by their own time, with their input shapes and,
+    for the matmuls and convolutions, the FLOP/s they ran at (where the time goes that the FLOPs do not explain)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True) as prof:
+        step()
+    rows = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)
+    return [
+        {
+            "op": e.key,
+            "shapes": str(e.input_shapes)[:120],
+            "calls": e.count,
+            "self_s": round(e.self_cpu_time_total / 1e6, 4),
+            "gflops_per_s": round(e.flops / e.self_cpu_time_total / 1e3, 1) if e.flops else None,
+        }
+        for e in rows[:top]
+    ]
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--preset", default="ofa_tiny", help="model preset (ofa_ds.config.PRESETS)")
     p.add_argument("--batch", type=int, default=2, help="examples per step")
     p.add_argument("--image-size", type=int, default=384, help="image side in pixels")
@@ -122,6 +169,7 @@ def main() -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype")
     p.add_argument("--steps", type=int, default=3, help="timed steps (the median is reported)")
     p.add_argument("--attn", default="reference,sdpa", help="comma-separated attention backends, one process each")
+    p.add_argument("--profile", type=int, default=0, help="also profile one step: its N most expensive operators")
     p.add_argument("--out", help="also write the results to this JSON file")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one backend in this process
     a = p.parse_args()
@@ -133,9 +181,7 @@ def main() -> None:
         argv = [sys.executable, __file__, *sys.argv[1:], "--one", backend]
         out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
-    print(json.dumps(results, indent=1))
-    if a.out:
-        Path(a.out).write_text(json.dumps(results, indent=1) + "\n")
+    emit(results, a.out)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ scikit-image's bundled colour photographs, written as progressive JPEGs (quality
     pip install scikit-image
     python benchmarks/photos.py DIR     # writes DIR/astronaut.jpg ... and prints their paths
 """
+
 from __future__ import annotations
 
 import sys

@@ -10,6 +10,7 @@
   `Image.transform`); sharpness (`_pixel_ops.sharpen` vs Pillow's SMOOTH filter + blend).
 - planar: (H, W, 3) -> (3, H, W) into a batch slot, `_pixel_ops.planar` vs numpy's transposing copy.
 """
+
 from __future__ import annotations
 
 import argparse

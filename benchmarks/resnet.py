@@ -9,6 +9,7 @@ csrc/resnet kernels (`cuda`) and with torch ops (`torch`); images/s, ms per step
 fused/torch speed-up. Without CUDA it times the torch path on the CPU at a small default size and says the
 GPU figures are pending hardware.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,6 +32,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 def time_steps(model, x, steps: int, warmup: int) -> float:
     """Seconds per forward+backward step (mean over `steps` after `warmup`)."""
+
     def step():
         model(x).float().square().mean().backward()  # a scalar loss over every output element
 
@@ -54,8 +56,15 @@ def run_one(name, resolution, batch, dtype, backend, device, steps, warmup) -> d
         torch.cuda.reset_peak_memory_stats()
     with use_backend(backend):
         seconds = time_steps(model, x, steps, warmup)
-    row = {"model": name, "resolution": resolution, "batch": batch, "dtype": dtype, "backend": backend,
-           "images_per_s": round(batch / seconds, 2), "ms_per_step": round(1e3 * seconds, 2)}
+    row = {
+        "model": name,
+        "resolution": resolution,
+        "batch": batch,
+        "dtype": dtype,
+        "backend": backend,
+        "images_per_s": round(batch / seconds, 2),
+        "ms_per_step": round(1e3 * seconds, 2),
+    }
     if device == "cuda":
         row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     return row
@@ -76,9 +85,16 @@ def main(argv=None) -> int:
     device = "cuda" if gpu else "cpu"
     torch.backends.cudnn.benchmark = True
     backends = ["torch", "cuda"] if gpu and is_built() else ["torch"]
-    report = {"device": torch.cuda.get_device_name() if gpu else "cpu", "torch": torch.__version__,
-              "cudnn": torch.backends.cudnn.version() if gpu else None, "threads": torch.get_num_threads(),
-              "extension": extension_status(), "steps": args.steps, "warmup": args.warmup, "results": []}
+    report = {
+        "device": torch.cuda.get_device_name() if gpu else "cpu",
+        "torch": torch.__version__,
+        "cudnn": torch.backends.cudnn.version() if gpu else None,
+        "threads": torch.get_num_threads(),
+        "extension": extension_status(),
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "results": [],
+    }
     if not gpu:
         report["gpu"] = "pending: no CUDA device here; these are CPU figures of the torch path only"
     elif "cuda" not in backends:
@@ -86,8 +102,10 @@ def main(argv=None) -> int:
     for name in args.models.split(","):
         for resolution in map(int, args.resolutions.split(",")):
             for dtype in args.dtypes.split(","):
-                rows = {b: run_one(name, resolution, args.batch, dtype, b, device, args.steps, args.warmup)
-                        for b in backends}
+                rows = {
+                    b: run_one(name, resolution, args.batch, dtype, b, device, args.steps, args.warmup)
+                    for b in backends
+                }
                 if len(rows) == 2:
                     speedup = rows["cuda"]["images_per_s"] / rows["torch"]["images_per_s"]
                     rows["cuda"]["speedup_vs_torch"] = round(speedup, 3)

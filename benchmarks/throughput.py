@@ -1,5 +1,6 @@
 """Throughput of the real training step of a run config: `python benchmarks/throughput.py CONFIG [options]`
 (= `ofa-ds bench`; the code is ofa_ds/train/bench.py, which documents the options and what is reported)."""
+
 import argparse
 import sys
 from pathlib import Path

@@ -1,5 +1,6 @@
 """Write a synthetic corpus in OFA's TSV layout: `python data_tools/make_sample_corpus.py OUT`
 (= `ofa-ds make-sample-corpus`)."""
+
 import argparse
 import sys
 from pathlib import Path

@@ -1,5 +1,6 @@
 """Train a sentencepiece tokenizer on corpus text: `python data_tools/train_tokenizer.py OUT --corpus ARROW`
 (= `ofa-ds train-tokenizer`; the code is ofa_ds/data/train_tokenizer.py)."""
+
 import argparse
 import sys
 from pathlib import Path

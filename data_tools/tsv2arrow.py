@@ -1,4 +1,5 @@
 """Convert OFA pretraining TSVs into Arrow shards: `python data_tools/tsv2arrow.py SRC OUT` (= `ofa-ds tsv2arrow`)."""
+
 import argparse
 import sys
 from pathlib import Path

@@ -3,6 +3,7 @@
 A config is a plain dataclass; it round-trips through JSON and YAML (`to_dict` / `from_dict`), and an
 unknown key or a value of the wrong type is an error that names it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -132,7 +133,6 @@ def save_dict(d: dict, path: str | Path) -> None:
         path.write_text(json.dumps(d, indent=2) + "\n")
 
 
-
 @dataclass
 class ModelConfig:
     """The OFA encoder-decoder. Defaults are OFA's pretraining configuration (OFA_SPEC 1.2)."""
@@ -178,14 +178,25 @@ class ModelConfig:
             raise ConfigError(f"model.bn_mode={self.bn_mode!r}; valid: {', '.join(BN_MODES)}")
         if self.attn_backend not in ATTN_BACKENDS:
             raise ConfigError(f"model.attn_backend={self.attn_backend!r}; valid: {', '.join(ATTN_BACKENDS)}")
-        for k in ("embed_dim", "ffn_dim", "heads", "encoder_layers", "decoder_layers", "vocab_size",
-                  "token_bucket_size", "image_bucket_size", "max_positions"):
+        for k in (
+            "embed_dim",
+            "ffn_dim",
+            "heads",
+            "encoder_layers",
+            "decoder_layers",
+            "vocab_size",
+            "token_bucket_size",
+            "image_bucket_size",
+            "max_positions",
+        ):
             if getattr(self, k) <= 0:
                 raise ConfigError(f"model.{k} must be positive, got {getattr(self, k)}")
         window = self.code_image_size // 8
         if window > self.image_bucket_size:
-            raise ConfigError(f"model.code_image_size={self.code_image_size} gives a {window}x{window} code grid, "
-                              f"larger than the {self.image_bucket_size}x{self.image_bucket_size} position grid")
+            raise ConfigError(
+                f"model.code_image_size={self.code_image_size} gives a {window}x{window} code grid, "
+                f"larger than the {self.image_bucket_size}x{self.image_bucket_size} position grid"
+            )
         if 1 + window * window > self.max_positions:
             raise ConfigError("model.code_image_size too large for model.max_positions")
 
@@ -329,8 +340,10 @@ class TrainConfig:
         """Micro-batches per update; an error naming the keys if the geometry does not divide."""
         per_step = self.micro_batch * dp_size
         if self.global_batch % per_step:
-            raise ConfigError(f"train.global_batch={self.global_batch} is not divisible by train.micro_batch="
-                              f"{self.micro_batch} x {dp_size} data-parallel rank(s) = {per_step}")
+            raise ConfigError(
+                f"train.global_batch={self.global_batch} is not divisible by train.micro_batch="
+                f"{self.micro_batch} x {dp_size} data-parallel rank(s) = {per_step}"
+            )
         return self.global_batch // per_step
 
 
@@ -354,8 +367,10 @@ class ParallelConfig:
             if getattr(self, k) < 1:
                 raise ConfigError(f"parallel.{k}={getattr(self, k)} must be >= 1")
         if self.sequence_parallel and self.tensor == 1:
-            raise ConfigError("parallel.sequence_parallel needs parallel.tensor > 1 (it splits the sequence over the "
-                              "tensor-parallel ranks)")
+            raise ConfigError(
+                "parallel.sequence_parallel needs parallel.tensor > 1 (it splits the sequence over the "
+                "tensor-parallel ranks)"
+            )
         part = self.pipeline_partition
         if part not in ("parameters", "uniform") and not part.startswith("type:"):
             raise ConfigError(f"parallel.pipeline_partition={part!r}; valid: parameters, uniform, type:<regex>")
@@ -371,15 +386,21 @@ class ParallelConfig:
                 raise ConfigError(f"parallel.tensor={t} does not divide model {k}={getattr(model, k)}")
         layers = model.encoder_layers + model.decoder_layers
         if p > layers:
-            raise ConfigError(f"parallel.pipeline={p} stages for {model.encoder_layers}+{model.decoder_layers} "
-                              f"transformer layers: at most {layers}")
+            raise ConfigError(
+                f"parallel.pipeline={p} stages for {model.encoder_layers}+{model.decoder_layers} "
+                f"transformer layers: at most {layers}"
+            )
         if p > 1 and zero_stage > 1:
-            raise ConfigError(f"parallel.pipeline={p} with ZeRO stage {zero_stage}: DeepSpeed's pipeline engine takes "
-                              f"ZeRO stage 0 or 1 (set zero_optimization.stage to 1)")
+            raise ConfigError(
+                f"parallel.pipeline={p} with ZeRO stage {zero_stage}: DeepSpeed's pipeline engine takes "
+                f"ZeRO stage 0 or 1 (set zero_optimization.stage to 1)"
+            )
         if self.sequence_parallel and TEXT_PAD_MULTIPLE % t:
-            raise ConfigError(f"parallel.sequence_parallel with parallel.tensor={t}: the loader pads target text "
-                              f"to multiples of {TEXT_PAD_MULTIPLE}, which the sequence split must divide "
-                              "(tensor 2, 4 or 8)")
+            raise ConfigError(
+                f"parallel.sequence_parallel with parallel.tensor={t}: the loader pads target text "
+                f"to multiples of {TEXT_PAD_MULTIPLE}, which the sequence split must divide "
+                "(tensor 2, 4 or 8)"
+            )
         self.data_parallel(world)
 
     def describe(self, world: int) -> str:
@@ -388,8 +409,10 @@ class ParallelConfig:
     def data_parallel(self, world: int) -> int:
         """Data-parallel ranks of a world of `world` ranks; an error naming the keys if it does not divide."""
         if world % self.model_parallel():
-            raise ConfigError(f"world size {world} is not a multiple of parallel.tensor={self.tensor} x "
-                              f"parallel.pipeline={self.pipeline} = {self.model_parallel()}")
+            raise ConfigError(
+                f"world size {world} is not a multiple of parallel.tensor={self.tensor} x "
+                f"parallel.pipeline={self.pipeline} = {self.model_parallel()}"
+            )
         return world // self.model_parallel()
 
 
@@ -415,7 +438,9 @@ class RunConfig:
         self.model_config()  # names a bad preset or override now
 
     def model_config(self) -> ModelConfig:
-        return _from_dict(ModelConfig, {**model_preset(self.model).to_dict(), **self.model_overrides}, "model_overrides")
+        return _from_dict(
+            ModelConfig, {**model_preset(self.model).to_dict(), **self.model_overrides}, "model_overrides"
+        )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

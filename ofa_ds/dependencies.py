@@ -14,6 +14,7 @@ dependency is installed, and the launch scripts run it as a script:
     python ofa_ds/dependencies.py wheels REPORT          # name==version of a `pip --report`, torch's stack left out
     python ofa_ds/dependencies.py sources REPORT         # those of them built from source, comma-separated
 """
+
 from __future__ import annotations
 
 import json
@@ -44,7 +45,7 @@ INSTALL_REQUIRES = [
 ]
 EXTRAS_REQUIRE = {
     # A CUDA torch brings its own triton, which satisfies this; a CPU torch brings none.
-    "test": ["pytest", "pytest-timeout", "triton; platform_system == 'Linux'"],
+    "test": ["pytest", "pytest-timeout", "ruff", "triton; platform_system == 'Linux'"],
     "bench": ["scikit-image"],
 }
 KEPT_AS_INSTALLED = ("torch", "triton")  # the launch scripts never replace them once installed
@@ -81,7 +82,7 @@ def outside_range(requirement: str, version: str | None) -> str | None:
     req = Requirement(requirement)
     if req.marker is not None and not req.marker.evaluate():
         return None
-    wanted = requirement.split(";")[0][len(req.name):].strip()  # as written: >=2.6,<2.14
+    wanted = requirement.split(";")[0][len(req.name) :].strip()  # as written: >=2.6,<2.14
     if version is None:
         return f"{req.name} is not installed (ofa-ds needs {req.name}{wanted})"
     if not wanted:
@@ -152,8 +153,11 @@ def report_wheels(report: dict, with_torch: bool = False) -> list[str]:
 
 def report_sources(report: dict) -> list[str]:
     """Names of the distributions a `pip --report` would build from source (no wheel on the index: deepspeed)."""
-    return [item["metadata"]["name"] for item in report["install"]
-            if not item["download_info"]["url"].split("#")[0].endswith(".whl")]
+    return [
+        item["metadata"]["name"]
+        for item in report["install"]
+        if not item["download_info"]["url"].split("#")[0].endswith(".whl")
+    ]
 
 
 def main(argv: list[str]) -> int:

@@ -21,6 +21,7 @@ As a script it is one rank of `ofa-ds pretrain`, optionally with a fault injecte
     --param-bytes DIR  each rank writes DIR/rank{R}.json: the bytes of the parameters it holds once the engine is
                      built (its tensor-parallel share, and what ZeRO leaves resident), by part of the model
 """
+
 from __future__ import annotations
 
 import json
@@ -35,13 +36,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS = Path(__file__).resolve()
 # OFA's dropout, drop-path and per-rank BatchNorm: the paths pretraining runs.
-TINY_MODEL = dict(embed_dim=64, ffn_dim=128, heads=2, encoder_layers=1, decoder_layers=1, resnet="resnet18",
-                  dropout=0.1, encoder_drop_path=0.1, decoder_drop_path=0.1, bn_mode="batch")
+TINY_MODEL = dict(
+    embed_dim=64,
+    ffn_dim=128,
+    heads=2,
+    encoder_layers=1,
+    decoder_layers=1,
+    resnet="resnet18",
+    dropout=0.1,
+    encoder_drop_path=0.1,
+    decoder_drop_path=0.1,
+    bn_mode="batch",
+)
 TINY_DATA = dict(image_size=32, extra_image_size=32, sample_patch_num=2, num_workers=0)
 # OFA_SPEC 7: AdamW lr 1e-4, betas (0.9, 0.999), eps 1e-8, weight decay 0.01, clip 5.0
-DS_FP32_ZERO3 = {"zero_optimization": {"stage": 3}, "gradient_clipping": 5.0, "steps_per_print": 10**9,
-                 "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8,
-                                                           "weight_decay": 0.01, "torch_adam": True}}}
+DS_FP32_ZERO3 = {
+    "zero_optimization": {"stage": 3},
+    "gradient_clipping": 5.0,
+    "steps_per_print": 10**9,
+    "optimizer": {
+        "type": "AdamW",
+        "params": {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01, "torch_adam": True},
+    },
+}
 # ZeRO-3 with every parameter partitioned (DeepSpeed keeps tensors under 1e5 elements whole by default: almost all
 # of the tiny model's)
 DS_PARTITIONED = {**DS_FP32_ZERO3, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
@@ -57,8 +74,24 @@ def tiny_data(base: Path) -> dict:
 
     done = base / "done.json"
     if not done.is_file():
-        main(["make-sample-corpus", str(base / "tsv"), "--vl-rows", "64", "--text-rows", "16", "--image-rows", "8",
-              "--detection-rows", "8", "--min-size", "48", "--max-size", "80"])
+        main(
+            [
+                "make-sample-corpus",
+                str(base / "tsv"),
+                "--vl-rows",
+                "64",
+                "--text-rows",
+                "16",
+                "--image-rows",
+                "8",
+                "--detection-rows",
+                "8",
+                "--min-size",
+                "48",
+                "--max-size",
+                "80",
+            ]
+        )
         main(["tsv2arrow", str(base / "tsv"), str(base / "arrow"), "--workers", "1"])
         main(["train-tokenizer", str(base / "tok"), "--corpus", str(base / "arrow"), "--vocab-size", "300"])
         from ofa_ds.data.tokenizer import load_tokenizer
@@ -75,11 +108,22 @@ def write_run(out_dir: Path, data: dict, *, ds: dict | None = None, train: dict 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "ds.json").write_text(json.dumps(ds or DS_FP32_ZERO3))
     cfg = {
-        "model": "ofa_tiny", "model_overrides": {**TINY_MODEL, "vocab_size": data["vocab"]},
-        "corpus": data["corpus"], "data": {**TINY_DATA, "tokenizer": data["tokenizer"]},
-        "deepspeed": str(out_dir / "ds.json"), "out_dir": str(out_dir / "run"),
-        "train": {"steps": 6, "global_batch": 8, "micro_batch": 2, "log_every": 1, "save_every": 3,
-                  "keep_last": 2, "peak_tflops": 1.0, **(train or {})},
+        "model": "ofa_tiny",
+        "model_overrides": {**TINY_MODEL, "vocab_size": data["vocab"]},
+        "corpus": data["corpus"],
+        "data": {**TINY_DATA, "tokenizer": data["tokenizer"]},
+        "deepspeed": str(out_dir / "ds.json"),
+        "out_dir": str(out_dir / "run"),
+        "train": {
+            "steps": 6,
+            "global_batch": 8,
+            "micro_batch": 2,
+            "log_every": 1,
+            "save_every": 3,
+            "keep_last": 2,
+            "peak_tflops": 1.0,
+            **(train or {}),
+        },
         **top,
     }
     path = out_dir / "run.yaml"
@@ -98,20 +142,40 @@ def env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": path}
 
 
-def launch(nprocs: int, pretrain_args: list[str], *, harness: list[str] = (), timeout: float = 600,
-           rank_env: dict[int, dict] | None = None):
+def launch(
+    nprocs: int,
+    pretrain_args: list[str],
+    *,
+    harness: list[str] = (),
+    timeout: float = 600,
+    rank_env: dict[int, dict] | None = None,
+):
     """Start `nprocs` ranks directly (as torchrun would) in one new process group and wait for all of them.
     Returns (return codes, combined output). The timeout is generous: the first launch on a machine JIT-builds
     DeepSpeed's CPU comm op (2-4 minutes)."""
     port = free_port()
     procs, logs = [], []
     for rank in range(nprocs):
-        e = {**env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nprocs),
-             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **(rank_env or {}).get(rank, {})}
+        e = {
+            **env(),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(nprocs),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            **(rank_env or {}).get(rank, {}),
+        }
         logs.append(tempfile.TemporaryFile("w+"))
-        procs.append(subprocess.Popen([sys.executable, str(HARNESS), *harness, "--", *pretrain_args], env=e, cwd=ROOT,
-                                      stdout=logs[-1], stderr=subprocess.STDOUT,
-                                      process_group=procs[0].pid if procs else 0))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(HARNESS), *harness, "--", *pretrain_args],
+                env=e,
+                cwd=ROOT,
+                stdout=logs[-1],
+                stderr=subprocess.STDOUT,
+                process_group=procs[0].pid if procs else 0,
+            )
+        )
     try:
         codes = [p.wait(timeout=timeout) for p in procs]
     except subprocess.TimeoutExpired:
@@ -152,8 +216,11 @@ def reference_run(base: Path, data: dict, variant: str = "default") -> Path:
         d.mkdir(parents=True, exist_ok=True)
         save_safetensors(OFAModel(cfg).state_dict(), cfg, d / "init.safetensors")
         run = write_run(d, data, ds=THRESHOLDS[variant], train={"steps": 4, "save_every": 2, "keep_last": 3})
-        codes, out = launch(2, [str(run), "--init-from", str(d / "init.safetensors")],
-                            harness=["--dump-weights", str(d / "live.pt"), "--trace-init", str(d / "init_reads")])
+        codes, out = launch(
+            2,
+            [str(run), "--init-from", str(d / "init.safetensors")],
+            harness=["--dump-weights", str(d / "live.pt"), "--trace-init", str(d / "init_reads")],
+        )
         assert codes == [0, 0], out
         (d / "done").write_text("")
     return d
@@ -281,9 +348,12 @@ def _encode_decode_outside_the_engine(engine) -> float:
     model, cfg = engine.module, engine.module.cfg
     g = torch.Generator().manual_seed(0)
     images = torch.randn(2, 3, 32, 32, generator=g).to(_compute_dtype(engine))
-    x = {"src_tokens": torch.randint(4, cfg.vocab_size, (2, 6), generator=g),
-         "patch_images": images, "patch_masks": torch.tensor([True, False]),
-         "prev_output_tokens": torch.randint(4, cfg.vocab_size, (2, 5), generator=g)}
+    x = {
+        "src_tokens": torch.randint(4, cfg.vocab_size, (2, 6), generator=g),
+        "patch_images": images,
+        "patch_masks": torch.tensor([True, False]),
+        "prev_output_tokens": torch.randint(4, cfg.vocab_size, (2, 5), generator=g),
+    }
     engine.eval()
     whole = engine(x)
     parts = model.decode(x["prev_output_tokens"], model.encode(x["src_tokens"], x["patch_images"], x["patch_masks"]))
@@ -337,9 +407,15 @@ def _param_bytes(d: Path) -> None:
         out = {}
         for name, p in model.named_parameters():
             # names of the plain model or of a pipeline module's stage ("3.layer.fc1.weight", "tied_modules.embed...")
-            part = ("layers" if ".layers." in name or ".layer." in name else
-                    "embedding" if name.startswith(("embed_tokens", "tied_modules.embed")) else
-                    "resnet" if "embed_images." in name else "other")
+            part = (
+                "layers"
+                if ".layers." in name or ".layer." in name
+                else "embedding"
+                if name.startswith(("embed_tokens", "tied_modules.embed"))
+                else "resnet"
+                if "embed_images." in name
+                else "other"
+            )
             share = getattr(p, "ds_numel", p.numel()) * p.element_size()
             resident = (p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()) * p.element_size()
             for key, n in ((part, share), (f"{part}_resident", resident)):

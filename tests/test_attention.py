@@ -1,12 +1,21 @@
 """The attention entry point's CPU paths: OFA's buckets, the materialised bias, and the reference and SDPA
 backends against an OFA-style float64 attention written out here (bias from OFA's full bucket matrices).
 The Triton kernels are tested against reference_attention in test_attention_triton.py."""
+
 import pytest
 import torch
 
 from ofa_ds.kernels.attention import fused_attention, reference_attention, resolve_backend, sdpa_attention
-from ofa_ds.kernels.attention.relpos import (KIND_IMAGE, KIND_NONE, KIND_TEXT, RelPos, image_bucket, image_buckets,
-                                             text_bucket_lut, text_buckets)
+from ofa_ds.kernels.attention.relpos import (
+    KIND_IMAGE,
+    KIND_NONE,
+    KIND_TEXT,
+    RelPos,
+    image_bucket,
+    image_buckets,
+    text_bucket_lut,
+    text_buckets,
+)
 
 N = 42
 
@@ -44,7 +53,7 @@ def test_materialized_bias_is_ofas():
     tok, img = text_buckets(256, 1024), image_buckets(N)
     for b in range(B):
         want = torch.zeros(H, P + L, P + L, dtype=torch.float64)
-        want[:, P:-1, P:-1] = rel.text_table[tok[:L - 1, :L - 1]].permute(2, 0, 1)
+        want[:, P:-1, P:-1] = rel.text_table[tok[: L - 1, : L - 1]].permute(2, 0, 1)
         want[:, :P, :P] = rel.image_table[img[ids[b]][:, ids[b]]].permute(2, 0, 1)
         assert torch.equal(bias[b], want)
 
@@ -65,8 +74,10 @@ def test_backends_match_ofa_attention(backend, causal):
     S = P + L
     rel, _ = encoder_rel(B, P, L, H, torch.float64, seed=1)
     g = torch.Generator().manual_seed(2)
-    q, k = torch.randn(B, H, S, 2 * D, generator=g, dtype=torch.float64), torch.randn(B, H, S, 2 * D, generator=g,
-                                                                                     dtype=torch.float64)
+    q, k = (
+        torch.randn(B, H, S, 2 * D, generator=g, dtype=torch.float64),
+        torch.randn(B, H, S, 2 * D, generator=g, dtype=torch.float64),
+    )
     v = torch.randn(B, H, S, D, generator=g, dtype=torch.float64)
     kpm = torch.zeros(B, S, dtype=torch.bool)
     kpm[1, :P] = True  # pure-text sample: patches padded
@@ -92,8 +103,9 @@ def test_sdpa_matches_reference_in_low_precision(dtype):
     kpm[1, 8:] = True
     args = dict(scale=0.25, causal=True, key_padding_mask=kpm, rel_pos=rel)
     tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
-    torch.testing.assert_close(sdpa_attention(q, k, v, **args), reference_attention(q, k, v, **args), rtol=tol,
-                               atol=tol)
+    torch.testing.assert_close(
+        sdpa_attention(q, k, v, **args), reference_attention(q, k, v, **args), rtol=tol, atol=tol
+    )
 
 
 def test_backend_choice(monkeypatch):
@@ -140,8 +152,12 @@ def test_separate_position_channels_are_the_concatenation(backend):
         if separate:
             out = fused_attention(*leaves[:3], pos_q=leaves[3], pos_k=leaves[4], **kw)
         else:
-            out = fused_attention(torch.cat([leaves[0], leaves[3].double()], -1),
-                                  torch.cat([leaves[1], leaves[4].double()], -1), leaves[2], **kw)
+            out = fused_attention(
+                torch.cat([leaves[0], leaves[3].double()], -1),
+                torch.cat([leaves[1], leaves[4].double()], -1),
+                leaves[2],
+                **kw,
+            )
         results.append([out, *torch.autograd.grad(out, leaves, torch.ones_like(out))])
     for a, b in zip(*results):
         assert a.dtype == b.dtype and torch.equal(a, b)

@@ -19,6 +19,7 @@ input dtype before the P @ V / dS @ K products, as FlashAttention does:
     fp32 1e-5 (exact fp32 dots)   fp16 2e-3   bf16 3e-2
 (worst seen over 46 random cases: 5%, 30% and 65% of these bounds).
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,15 @@ import triton
 import triton.language as tl
 
 from ofa_ds.kernels.attention import fused_attention
-from ofa_ds.kernels.attention.relpos import (KIND_IMAGE, KIND_TEXT, RelPos, image_bucket, num_image_buckets,
-                                             num_text_buckets, text_bucket_lut)
+from ofa_ds.kernels.attention.relpos import (
+    KIND_IMAGE,
+    KIND_TEXT,
+    RelPos,
+    image_bucket,
+    num_image_buckets,
+    num_text_buckets,
+    text_bucket_lut,
+)
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 3e-2}
 N = 42  # image grid
@@ -54,8 +62,13 @@ def encoder_tokens(B, P, L, g):
 
 def decoder_tokens(B, T, code):
     """Decoder targets: text positions 0..T-1, or image codes with OFA's ids (0 for BOS, 16 x 16 grid, 1024)."""
-    grid = torch.cat([torch.zeros(1, dtype=torch.long), 1 + (torch.arange(256) // 16) * N + torch.arange(256) % 16,
-                      torch.full((1024,), 1024)])
+    grid = torch.cat(
+        [
+            torch.zeros(1, dtype=torch.long),
+            1 + (torch.arange(256) // 16) * N + torch.arange(256) % 16,
+            torch.full((1024,), 1024),
+        ]
+    )
     code = torch.tensor(code)[:, None]
     kind = torch.where(code, KIND_IMAGE, KIND_TEXT).expand(B, T)
     pos = torch.where(code, grid[:T], torch.arange(T))
@@ -76,10 +89,19 @@ def run(dtype, *, B, H, Tq, Tk, dv, wqk, causal=False, pad=None, tokens=None, k_
         rel = None
         if tokens is not None:
             (qk, qp), (kk, kp) = tokens, k_tokens or tokens
-            rel = RelPos(qk.to(torch.int8).to(DEV), qp.to(torch.int32).to(DEV), kk.to(torch.int8).to(DEV),
-                         kp.to(torch.int32).to(DEV), text_t, image_t, LUT, N)
-        return fused_attention(q, k, v, scale=(2 * dv) ** -0.5, causal=causal, key_padding_mask=kpm, rel_pos=rel,
-                               backend=backend)
+            rel = RelPos(
+                qk.to(torch.int8).to(DEV),
+                qp.to(torch.int32).to(DEV),
+                kk.to(torch.int8).to(DEV),
+                kp.to(torch.int32).to(DEV),
+                text_t,
+                image_t,
+                LUT,
+                N,
+            )
+        return fused_attention(
+            q, k, v, scale=(2 * dv) ** -0.5, causal=causal, key_padding_mask=kpm, rel_pos=rel, backend=backend
+        )
 
     results = []
     for backend, ts in (("triton", inputs), ("reference", [t.double() for t in inputs])):
@@ -118,11 +140,24 @@ def test_encoder_self_attention(dtype, dv):
     check(res, dtype)
 
 
-@pytest.mark.parametrize("dtype,dv,code", [(torch.bfloat16, 80, [False, False]), (torch.float16, 128, [True, True]),
-                                           (torch.float32, 64, [True, False])], ids=["text", "codes", "mixed"])
+@pytest.mark.parametrize(
+    "dtype,dv,code",
+    [(torch.bfloat16, 80, [False, False]), (torch.float16, 128, [True, True]), (torch.float32, 64, [True, False])],
+    ids=["text", "codes", "mixed"],
+)
 def test_decoder_self_attention(dtype, dv, code):
-    res = run(dtype, B=2, H=2, Tq=29, Tk=29, dv=dv, wqk=2 * dv, causal=True, pad=padding(2, 29, [29, 21]),
-              tokens=decoder_tokens(2, 29, code))
+    res = run(
+        dtype,
+        B=2,
+        H=2,
+        Tq=29,
+        Tk=29,
+        dv=dv,
+        wqk=2 * dv,
+        causal=True,
+        pad=padding(2, 29, [29, 21]),
+        tokens=decoder_tokens(2, 29, code),
+    )
     check(res, dtype)
 
 
@@ -133,8 +168,18 @@ def test_cross_attention_without_position_channels():
 
 def test_fully_padded_sample_gives_zeros():
     pad = padding(2, 21, [21, 0])
-    res = run(torch.bfloat16, B=2, H=1, Tq=21, Tk=21, dv=64, wqk=128, causal=True, pad=pad,
-              tokens=decoder_tokens(2, 21, [False, True]))
+    res = run(
+        torch.bfloat16,
+        B=2,
+        H=1,
+        Tq=21,
+        Tk=21,
+        dv=64,
+        wqk=128,
+        causal=True,
+        pad=pad,
+        tokens=decoder_tokens(2, 21, [False, True]),
+    )
     check(res, torch.bfloat16)
     out, dq, dk, dv = (r[1] for r in res[:4])
     assert not out[1].any() and not dq[1].any() and not dk[1].any() and not dv[1].any()
@@ -157,9 +202,20 @@ def random_case(seed):
 
     pad = torch.rand(B, Tk, generator=g) < r.choice([0.0, 0.3, 1.0])
     q_tok = tokens(Tq)
-    return dict(dtype=r.choice([torch.float32, torch.float16, torch.bfloat16]), B=B, H=H, Tq=Tq, Tk=Tk, dv=dv,
-                wqk=r.choice([dv, 2 * dv]), causal=causal, pad=pad if r.random() < 0.7 else None,
-                tokens=q_tok if r.random() < 0.8 else None, k_tokens=q_tok if causal else tokens(Tk), seed=seed)
+    return dict(
+        dtype=r.choice([torch.float32, torch.float16, torch.bfloat16]),
+        B=B,
+        H=H,
+        Tq=Tq,
+        Tk=Tk,
+        dv=dv,
+        wqk=r.choice([dv, 2 * dv]),
+        causal=causal,
+        pad=pad if r.random() < 0.7 else None,
+        tokens=q_tok if r.random() < 0.8 else None,
+        k_tokens=q_tok if causal else tokens(Tk),
+        seed=seed,
+    )
 
 
 @pytest.mark.parametrize("seed", range(int(os.environ.get("OFA_DS_ATTN_SWEEP", "4"))))
@@ -179,16 +235,33 @@ def test_unsupported_inputs_are_named_errors():
     with pytest.raises(ValueError, match="k .* does not match q"):
         fused_attention(q, q[..., :100], v, scale=1.0, backend="triton")
     kind, pos = decoder_tokens(1, 8, [False])
-    bad = RelPos(kind.to(torch.int8), pos.int(), kind.to(torch.int8), pos.int(), torch.zeros(511, 2),
-                 torch.zeros(100, 2), LUT.cpu(), N)
+    bad = RelPos(
+        kind.to(torch.int8),
+        pos.int(),
+        kind.to(torch.int8),
+        pos.int(),
+        torch.zeros(511, 2),
+        torch.zeros(100, 2),
+        LUT.cpu(),
+        N,
+    )
     with pytest.raises(ValueError, match="image_table has 100 rows; grid 42 needs 6892"):
         fused_attention(q, q, v, scale=1.0, rel_pos=bad, backend="triton")
-    bad = RelPos(kind.to(torch.int8), pos.int(), kind.to(torch.int8), pos.int(), torch.zeros(255, 2), None,
-                 LUT.cpu(), N)
+    bad = RelPos(
+        kind.to(torch.int8), pos.int(), kind.to(torch.int8), pos.int(), torch.zeros(255, 2), None, LUT.cpu(), N
+    )
     with pytest.raises(ValueError, match="text_table has 255 rows; text_lut indexes 511"):
         fused_attention(q, q, v, scale=1.0, rel_pos=bad, backend="triton")
-    bad = RelPos(kind[:, :5].to(torch.int8), pos[:, :5].int(), kind.to(torch.int8), pos.int(), torch.zeros(511, 2),
-                 None, LUT.cpu(), N)
+    bad = RelPos(
+        kind[:, :5].to(torch.int8),
+        pos[:, :5].int(),
+        kind.to(torch.int8),
+        pos.int(),
+        torch.zeros(511, 2),
+        None,
+        LUT.cpu(),
+        N,
+    )
     with pytest.raises(ValueError, match=r"query kinds/positions must be \(1, 8\)"):
         fused_attention(q, q, v, scale=1.0, rel_pos=bad, backend="triton")
 
@@ -257,8 +330,18 @@ def test_model_with_triton_matches_reference():
     from ofa_ds.model.ofa import OFAModel
 
     V = 300
-    cfg = dict(embed_dim=64, ffn_dim=128, heads=1, encoder_layers=1, decoder_layers=1, resnet="resnet18",
-               vocab_size=V, dropout=0.0, encoder_drop_path=0.0, decoder_drop_path=0.0)
+    cfg = dict(
+        embed_dim=64,
+        ffn_dim=128,
+        heads=1,
+        encoder_layers=1,
+        decoder_layers=1,
+        resnet="resnet18",
+        vocab_size=V,
+        dropout=0.0,
+        encoder_drop_path=0.0,
+        decoder_drop_path=0.0,
+    )
     torch.manual_seed(0)
     models = {b: OFAModel(ModelConfig(**cfg, attn_backend=b)).to(DEV) for b in ("reference", "triton")}
     models["triton"].load_state_dict(models["reference"].state_dict())
@@ -268,9 +351,13 @@ def test_model_with_triton_matches_reference():
     target = torch.randint(4, V, (2, 8), generator=g)
     target[0, 6:] = 1
     prev = torch.cat([torch.zeros(2, 1, dtype=torch.long), target[:, :-1]], 1)
-    stream = dict(src_tokens=src, patch_images=torch.randn(2, 3, 32, 32, generator=g),
-                  patch_masks=torch.tensor([True, False]), prev_output_tokens=prev,
-                  code_masks=torch.tensor([False, True]))
+    stream = dict(
+        src_tokens=src,
+        patch_images=torch.randn(2, 3, 32, 32, generator=g),
+        patch_masks=torch.tensor([True, False]),
+        prev_output_tokens=prev,
+        code_masks=torch.tensor([False, True]),
+    )
     stream = {k: v.to(DEV) for k, v in stream.items()}
     results = {}
     for name, model in models.items():
@@ -295,10 +382,16 @@ def heads(x, d):  # as ofa_ds/model: (B, T, H*d) -> (B, H, T, d), a strided view
     return x.view(B, T, -1, d).transpose(1, 2)
 
 
-@pytest.mark.parametrize("dtype,dv,causal,pos_dtype", [(torch.float32, 80, False, torch.float32),
-                                                       (torch.bfloat16, 80, True, torch.float32),
-                                                       (torch.float16, 64, True, torch.float16),
-                                                       (torch.bfloat16, 128, False, torch.bfloat16)], ids=str)
+@pytest.mark.parametrize(
+    "dtype,dv,causal,pos_dtype",
+    [
+        (torch.float32, 80, False, torch.float32),
+        (torch.bfloat16, 80, True, torch.float32),
+        (torch.float16, 64, True, torch.float16),
+        (torch.bfloat16, 128, False, torch.bfloat16),
+    ],
+    ids=str,
+)
 def test_separate_position_channels_match_concatenated(dtype, dv, causal, pos_dtype):
     """fused_attention(q, k, v, pos_q=, pos_k=) on the Triton path reads q, k (strided views of one qkv
     projection, as the model makes them) and the position channels in place: bit-identical to the
@@ -373,9 +466,18 @@ def test_head_dims_run_as_pieces_without_padding(dv, pieces):
 
 def test_head_dim_80_without_position_channels():
     """q/k width = head dim 80 (no position channels): main + tail pieces on both sides."""
-    res = run(torch.float32, B=2, H=2, Tq=21, Tk=35, dv=80, wqk=80, pad=padding(2, 35, [35, 12]),
-              tokens=encoder_tokens(2, 9, 12, torch.Generator().manual_seed(3)),
-              k_tokens=encoder_tokens(2, 15, 20, torch.Generator().manual_seed(4)))
+    res = run(
+        torch.float32,
+        B=2,
+        H=2,
+        Tq=21,
+        Tk=35,
+        dv=80,
+        wqk=80,
+        pad=padding(2, 35, [35, 12]),
+        tokens=encoder_tokens(2, 9, 12, torch.Generator().manual_seed(3)),
+        k_tokens=encoder_tokens(2, 15, 20, torch.Generator().manual_seed(4)),
+    )
     check(res, torch.float32)
 
 
@@ -401,7 +503,7 @@ def expected_atomics(col):
         for c in range(BN):
             vals = col[(t == c) & part & (col >= 0)].tolist()
             distinct = sorted(set(vals))
-            n += len(distinct) if len(distinct) <= 2 else 2 + sum(v not in distinct[::len(distinct) - 1] for v in vals)
+            n += len(distinct) if len(distinct) <= 2 else 2 + sum(v not in distinct[:: len(distinct) - 1] for v in vals)
     return n
 
 
@@ -414,7 +516,7 @@ def block_patterns(BM, BN, g):
     text[torch.rand(BM, BN, generator=g) < 0.2] = -1
     raster = torch.arange(24 * 24)
     ids = torch.cat([torch.zeros(1, dtype=torch.long), 1 + raster // 24 * N + raster % 24])
-    image = image_bucket(ids[5:5 + BM, None], ids[None, :BN], N)
+    image = image_bucket(ids[5 : 5 + BM, None], ids[None, :BN], N)
     mixed = torch.randint(-1, 12, (BM, BN), generator=g)
     return dict(text=text, image=image, mixed=mixed)
 
@@ -455,7 +557,6 @@ def test_table_gradients_reduced_per_block_match_reference(block_reduce, monkeyp
     kind = torch.cat([torch.full((B, P), KIND_IMAGE), torch.full((B, L), KIND_TEXT)], 1)
     pos = torch.cat([ids.expand(B, P), torch.arange(L).expand(B, L)], 1)
     pad = torch.cat([torch.zeros(B, P, dtype=torch.bool), padding(B, L, [L, 9])], 1)
-    check(run(torch.float32, B=B, H=1, Tq=P + L, Tk=P + L, dv=64, wqk=128, pad=pad, tokens=(kind, pos)),
-          torch.float32)
+    check(run(torch.float32, B=B, H=1, Tq=P + L, Tk=P + L, dv=64, wqk=128, pad=pad, tokens=(kind, pos)), torch.float32)
     codes = decoder_tokens(B, 37, [True, True])
     check(run(torch.float32, B=B, H=1, Tq=37, Tk=37, dv=64, wqk=128, causal=True, tokens=codes), torch.float32)

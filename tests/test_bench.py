@@ -1,4 +1,5 @@
 """`ofa-ds bench` on CPU ranks under the deepspeed launcher, and the planner against what those ranks measure."""
+
 from __future__ import annotations
 
 import json
@@ -13,12 +14,35 @@ from ofa_ds.plan.memory import counts, model_states, stream_activations
 from ofa_ds.train.flops import StreamShape, stream_shape, train_flops
 
 RESULT_KEYS = {
-    "model": str, "parameters": int, "layout": str, "tp": int, "pp": int, "dp": int, "zero_stage": int,
-    "precision": str, "activation_checkpointing": str, "micro_batch": int, "global_batch": int, "world_size": int,
-    "updates": int, "step_s": float, "step_s_all": list, "breakdown_s": dict, "samples_per_s": float,
-    "vl_rows_per_s": float, "tokens_per_s": dict, "flops_per_update": float, "tflops_per_device": float,
-    "peak_tflops": dict, "mfu": dict, "memory_per_rank": list, "hardware": dict, "versions": dict, "config": dict,
-    "ds_config": dict, "date": str,
+    "model": str,
+    "parameters": int,
+    "layout": str,
+    "tp": int,
+    "pp": int,
+    "dp": int,
+    "zero_stage": int,
+    "precision": str,
+    "activation_checkpointing": str,
+    "micro_batch": int,
+    "global_batch": int,
+    "world_size": int,
+    "updates": int,
+    "step_s": float,
+    "step_s_all": list,
+    "breakdown_s": dict,
+    "samples_per_s": float,
+    "vl_rows_per_s": float,
+    "tokens_per_s": dict,
+    "flops_per_update": float,
+    "tflops_per_device": float,
+    "peak_tflops": dict,
+    "mfu": dict,
+    "memory_per_rank": list,
+    "hardware": dict,
+    "versions": dict,
+    "config": dict,
+    "ds_config": dict,
+    "date": str,
 }
 RANK_KEYS = {"rank", "peak_gib", "peak_kind", "params_bytes", "optimizer_bytes", "activations_peak_bytes"}
 
@@ -27,8 +51,11 @@ def bench(tmp_path, run, ranks: int, *args) -> dict:
     """Run `ofa-ds bench` (the deepspeed launcher for several ranks, else one process) and load its JSON."""
     out = tmp_path / "results"
     cli = ["--module", "ofa_ds.cli", "bench"] if ranks > 1 else ["-m", "ofa_ds.cli", "bench"]
-    launcher = (["deepspeed", "--num_gpus", str(ranks), "--master_port", str(H.free_port()), "--no_local_rank"]
-                if ranks > 1 else [sys.executable])
+    launcher = (
+        ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(H.free_port()), "--no_local_rank"]
+        if ranks > 1
+        else [sys.executable]
+    )
     cmd = [*launcher, *cli, str(run), "--out", str(out), *args]
     done = subprocess.run(cmd, env=H.env(), cwd=H.ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
@@ -45,8 +72,9 @@ def assert_planned_bytes(result: dict, cfg: ModelConfig, ds: dict) -> None:
     """The planner's weight and optimizer bytes (fp32: 4 + 12 per parameter held) per rank within 5% of what each
     rank holds once the engine is built."""
     c = counts(cfg, result["tp"], result["pp"])
-    planned = model_states(c, dp=result["dp"], zero=result["zero_stage"], precision="fp32",
-                           zero_config=ds["zero_optimization"])
+    planned = model_states(
+        c, dp=result["dp"], zero=result["zero_stage"], precision="fp32", zero_config=ds["zero_optimization"]
+    )
     for rank in result["memory_per_rank"]:
         for key in ("params", "optimizer"):
             measured = rank[f"{key}_bytes"]
@@ -81,8 +109,9 @@ def test_bench_on_two_ranks(tmp_path, tmp_path_factory):
     tok = load_tokenizer(data["tokenizer"], vocab_size=cfg.vocab_size)
     per_update = {1: 0, 2: 0}
     for rank in (0, 1):
-        batches = iter(build_loader(Corpus(data["corpus"]), tok, dcfg, dp_rank=rank, dp_size=2, micro_batch=2,
-                                    consumed_samples=4))
+        batches = iter(
+            build_loader(Corpus(data["corpus"]), tok, dcfg, dp_rank=rank, dp_size=2, micro_batch=2, consumed_samples=4)
+        )
         for update in (1, 2):
             b = next(batches)
             per_update[update] += train_flops(cfg, [stream_shape(b[s]) for s in ("v1", "v2") if b.get(s) is not None])
@@ -94,8 +123,9 @@ def test_bench_on_two_ranks(tmp_path, tmp_path_factory):
 def test_planner_bytes_under_tensor_parallel_zero3(tmp_path, tmp_path_factory):
     """TP=2 x DP=2 with ZeRO-3 on 4 ranks: each rank holds half the split parameters, then ZeRO-3 halves it again."""
     data = H.tiny_data(tmp_path_factory.getbasetemp() / "tiny_data")
-    run = H.write_run(tmp_path, data, ds=H.DS_FP32_ZERO3, train={"global_batch": 4, "micro_batch": 2},
-                      parallel={"tensor": 2})
+    run = H.write_run(
+        tmp_path, data, ds=H.DS_FP32_ZERO3, train={"global_batch": 4, "micro_batch": 2}, parallel={"tensor": 2}
+    )
     r = bench(tmp_path, run, 4, "--warmup", "0", "--steps", "1")
     assert r["layout"] == "TP 2 x PP 1 x DP 2"
     assert_planned_bytes(r, tiny_cfg(data), H.DS_FP32_ZERO3)
@@ -107,22 +137,45 @@ def test_planned_activations_match_the_measured_peak(checkpointing, tmp_path):
     """ofa_tiny (the vocabulary of the sample tokenizer) on 64 px synthetic batches, one process, ZeRO-1 with 1M-element
     buckets (DeepSpeed's default 500M-element bucket would be the largest allocation of the backward): the planner's
     activations within 20% of the peak `--memory` measures."""
-    ds = {**H.DS_FP32_ZERO3, "zero_optimization": {"stage": 1, "reduce_bucket_size": 10**6,
-                                                   "allgather_bucket_size": 10**6}}
+    ds = {
+        **H.DS_FP32_ZERO3,
+        "zero_optimization": {"stage": 1, "reduce_bucket_size": 10**6, "allgather_bucket_size": 10**6},
+    }
     run = tmp_path / "run.yaml"
     (tmp_path / "ds.json").write_text(json.dumps(ds))
     cfg = model_preset("ofa_tiny", vocab_size=9493)
-    run.write_text(json.dumps({
-        "model": "ofa_tiny", "model_overrides": {"vocab_size": cfg.vocab_size},
-        "data": {"image_size": 64, "extra_image_size": 64, "sample_patch_num": 8, "num_workers": 0},
-        "deepspeed": str(tmp_path / "ds.json"), "out_dir": str(tmp_path / "run"),
-        "train": {"global_batch": 4, "micro_batch": 2, "activation_checkpointing": checkpointing}}))
-    r = bench(tmp_path, run, 1, "--synthetic", "--warmup", "1", "--steps", "1", "--memory", "--src-len", "32",
-              "--tgt-len", "16")
+    run.write_text(
+        json.dumps(
+            {
+                "model": "ofa_tiny",
+                "model_overrides": {"vocab_size": cfg.vocab_size},
+                "data": {"image_size": 64, "extra_image_size": 64, "sample_patch_num": 8, "num_workers": 0},
+                "deepspeed": str(tmp_path / "ds.json"),
+                "out_dir": str(tmp_path / "run"),
+                "train": {"global_batch": 4, "micro_batch": 2, "activation_checkpointing": checkpointing},
+            }
+        )
+    )
+    r = bench(
+        tmp_path,
+        run,
+        1,
+        "--synthetic",
+        "--warmup",
+        "1",
+        "--steps",
+        "1",
+        "--memory",
+        "--src-len",
+        "32",
+        "--tgt-len",
+        "16",
+    )
     measured = r["memory_per_rank"][0]["activations_peak_bytes"]
     # the measured stream: 2 VL rows -> 4 v1 examples on 2 images, 8 patches, 32 source and 16 target tokens
-    planned = stream_activations(cfg, StreamShape(4, 64, 8, 32, 16, images=2),
-                                 checkpoint_every=0 if checkpointing == "none" else 1)
+    planned = stream_activations(
+        cfg, StreamShape(4, 64, 8, 32, 16, images=2), checkpoint_every=0 if checkpointing == "none" else 1
+    )
     assert abs(planned / measured - 1) < 0.2, (planned, measured)
 
 
@@ -131,8 +184,21 @@ def test_sweep_writes_a_result_per_point_and_a_plot(tmp_path, tmp_path_factory):
     data = H.tiny_data(tmp_path_factory.getbasetemp() / "tiny_data")
     run = H.write_run(tmp_path, data, train={"global_batch": 2, "micro_batch": 1})
     out = tmp_path / "results"
-    cmd = [sys.executable, "-m", "ofa_ds.cli", "bench", str(run), "--out", str(out), "--warmup", "0", "--steps", "1",
-           "--sweep", "train.micro_batch=1,2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ofa_ds.cli",
+        "bench",
+        str(run),
+        "--out",
+        str(out),
+        "--warmup",
+        "0",
+        "--steps",
+        "1",
+        "--sweep",
+        "train.micro_batch=1,2",
+    ]
     done = subprocess.run(cmd, env=H.env(), cwd=H.ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     results = [json.loads(f.read_text()) for f in sorted(out.glob("*.json"))]

@@ -1,4 +1,5 @@
 """Checkpoints: complete-before-`latest`, retention, RNG round trip; interrupted runs resume bit-identically."""
+
 import json
 import random
 from pathlib import Path

@@ -1,5 +1,6 @@
 """Every `ofa-ds` subcommand turns a user's bad input into one line naming it and a non-zero exit, never a
 traceback."""
+
 import subprocess
 import sys
 
@@ -10,14 +11,18 @@ CASES = {
     "convert": (["convert", "/nonexistent/ofa.pt", "out.safetensors"], "/nonexistent/ofa.pt"),
     "tsv2arrow": (["tsv2arrow", "/nonexistent/tsv", "out"], "/nonexistent/tsv: no such directory"),
     "make-sample-corpus": (["make-sample-corpus", "/proc/no/such/dir"], "/proc/no: No such file or directory"),
-    "train-tokenizer": (["train-tokenizer", "tok", "--corpus", "/nonexistent/arrow", "--vocab-size", "300"],
-                        "/nonexistent/arrow/manifest.json: missing"),
+    "train-tokenizer": (
+        ["train-tokenizer", "tok", "--corpus", "/nonexistent/arrow", "--vocab-size", "300"],
+        "/nonexistent/arrow/manifest.json: missing",
+    ),
     "pretrain": (["pretrain", "/nonexistent/run.yaml"], "/nonexistent/run.yaml: cannot be read"),
     "export": (["export", "/nonexistent/run", "out.safetensors"], "/nonexistent/run: no checkpoint"),
     "to-universal": (["to-universal", "/nonexistent/run"], "/nonexistent/run: no checkpoint"),
     "bench": (["bench", "/nonexistent/run.yaml"], "/nonexistent/run.yaml: cannot be read"),
-    "plan": (["plan", "ofa_nano", "--nodes", "1", "--gpus-per-node", "8", "--gpu-memory-gb", "80",
-              "--global-batch", "8"], "ofa_nano: neither a preset"),
+    "plan": (
+        ["plan", "ofa_nano", "--nodes", "1", "--gpus-per-node", "8", "--gpu-memory-gb", "80", "--global-batch", "8"],
+        "ofa_nano: neither a preset",
+    ),
 }
 
 
@@ -25,8 +30,9 @@ CASES = {
 def test_bad_input_is_one_line(name, tmp_path):
     args, names = CASES[name]
     env = {k: v for k, v in H.env().items() if k != "DS_ACCELERATOR"}  # as a user's shell: DeepSpeed not told
-    done = subprocess.run([sys.executable, "-m", "ofa_ds.cli", *args], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "ofa_ds.cli", *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert "Traceback" not in done.stdout + done.stderr, done.stderr[-3000:]
     assert done.returncode == 2, done.stderr  # a user error, as argparse's
     lines = [line for line in done.stderr.splitlines() if line.strip()]  # third-party warnings included
@@ -35,9 +41,23 @@ def test_bad_input_is_one_line(name, tmp_path):
 
 def test_too_large_a_vocabulary_says_the_limit(tmp_path, tmp_path_factory):
     data = H.tiny_data(tmp_path_factory.getbasetemp() / "tiny_data")
-    done = subprocess.run([sys.executable, "-m", "ofa_ds.cli", "train-tokenizer", str(tmp_path / "tok"), "--corpus",
-                           data["corpus"], "--vocab-size", "32000"], env=H.env(), capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ofa_ds.cli",
+            "train-tokenizer",
+            str(tmp_path / "tok"),
+            "--corpus",
+            data["corpus"],
+            "--vocab-size",
+            "32000",
+        ],
+        env=H.env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "Vocabulary size too high (32000). Please set it to a value <=" in done.stderr
 
@@ -63,6 +83,10 @@ def test_every_option_of_every_subcommand_says_what_it_does():
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    bare = [(name, a.option_strings or a.dest) for name, p in sub.choices.items() for a in p._actions
-            if a.help != argparse.SUPPRESS and not (a.help or "").strip()]
+    bare = [
+        (name, a.option_strings or a.dest)
+        for name, p in sub.choices.items()
+        for a in p._actions
+        if a.help != argparse.SUPPRESS and not (a.help or "").strip()
+    ]
     assert bare == [], f"options without help text: {bare}"

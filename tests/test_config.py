@@ -1,4 +1,5 @@
 """Presets, parameter counts (OFA_SPEC 2.2), config round trips and config errors."""
+
 import pytest
 import torch
 
@@ -32,9 +33,20 @@ def test_presets_are_listed():
 
 def test_pretraining_configuration():
     cfg = model_preset("ofa_huge")
-    assert (cfg.embed_dim, cfg.ffn_dim, cfg.heads, cfg.head_dim, cfg.encoder_layers, cfg.decoder_layers) == \
-        (1280, 5120, 16, 80, 24, 12)
-    assert (cfg.token_bucket_size, cfg.image_bucket_size, cfg.max_positions, cfg.attn_scale_factor) == (256, 42, 1024, 2)
+    assert (cfg.embed_dim, cfg.ffn_dim, cfg.heads, cfg.head_dim, cfg.encoder_layers, cfg.decoder_layers) == (
+        1280,
+        5120,
+        16,
+        80,
+        24,
+        12,
+    )
+    assert (cfg.token_bucket_size, cfg.image_bucket_size, cfg.max_positions, cfg.attn_scale_factor) == (
+        256,
+        42,
+        1024,
+        2,
+    )
     assert (cfg.dropout, cfg.encoder_drop_path, cfg.decoder_drop_path, cfg.vocab_size) == (0.1, 0.1, 0.1, 59457)
 
 
@@ -50,13 +62,16 @@ def test_unknown_preset_lists_valid_ones():
         model_preset("ofa_gigantic")
 
 
-@pytest.mark.parametrize("bad, msg", [
-    ({"embed_dims": 256}, "unknown key.*embed_dims"),
-    ({"heads": "4"}, r"model.heads: expected int"),
-    ({"embed_dim": 256, "heads": 3}, "heads=3 does not divide model.embed_dim=256"),
-    ({"resnet": "resnet200"}, "valid: resnet18"),
-    ({"bn_mode": "group"}, "valid: batch, sync, sync_node, frozen"),
-])
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        ({"embed_dims": 256}, "unknown key.*embed_dims"),
+        ({"heads": "4"}, r"model.heads: expected int"),
+        ({"embed_dim": 256, "heads": 3}, "heads=3 does not divide model.embed_dim=256"),
+        ({"resnet": "resnet200"}, "valid: resnet18"),
+        ({"bn_mode": "group"}, "valid: batch, sync, sync_node, frozen"),
+    ],
+)
 def test_bad_config(bad, msg):
     with pytest.raises(ConfigError, match=msg):
         ModelConfig.from_dict(bad)
@@ -78,8 +93,12 @@ def test_syntax_errors_are_one_line_with_file_line_and_column(tmp_path):
         load_dict(bad_json)
     good = tmp_path / "good.yaml"
     good.write_text("model: ofa_tiny\ncorpus: x\n")
-    out = subprocess.run([sys.executable, "-m", "ofa_ds.cli", "pretrain", str(good), "--set", "train={steps: 3"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "ofa_ds.cli", "pretrain", str(good), "--set", "train={steps: 3"],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert out.stderr.strip().endswith("--set train:1:10: YAML syntax: expected ',' or '}', but got '<stream end>' "
-                                       "(while parsing a flow mapping)"), out.stderr
+    assert out.stderr.strip().endswith(
+        "--set train:1:10: YAML syntax: expected ',' or '}', but got '<stream end>' (while parsing a flow mapping)"
+    ), out.stderr

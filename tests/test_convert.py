@@ -1,12 +1,19 @@
 """`ofa-ds convert`: OFA .pt <-> ofa_ds .safetensors, vocabulary fitting, unreadable files."""
+
 import pytest
 import torch
+from conftest import ASSETS
 
 from ofa_ds.cli import main
-from ofa_ds.model.convert import CheckpointError, load_any, load_ofa_checkpoint, load_strict, ofa_to_ofa_ds, resize_vocab
+from ofa_ds.model.convert import (
+    CheckpointError,
+    load_any,
+    load_ofa_checkpoint,
+    load_strict,
+    ofa_to_ofa_ds,
+    resize_vocab,
+)
 from ofa_ds.model.ofa import OFAModel
-
-from conftest import ASSETS
 
 CKPT = ASSETS / "ofa_small_ref" / "ofa_small_ref_checkpoint.pt"
 

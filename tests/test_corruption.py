@@ -1,6 +1,7 @@
 """Nothing on disk crashes a run or changes a sample unnoticed: a seeded sweep of single-byte flips over a VL shard
 (benchmarks/corruption_sweep.py) ends every flip in a CorpusError naming the file (and the row, at read) or in rows
 read back unchanged; a run whose shard was altered stops with one line naming the file and row."""
+
 import importlib.util
 import json
 import shutil
@@ -39,8 +40,14 @@ def test_an_altered_row_stops_the_run_with_one_line(tmp_path, tmp_path_factory):
     raw[len(raw) // 2] ^= 0x20  # inside a row's image bytes: the file still opens
     shard.write_bytes(raw)
     run = H.write_run(tmp_path, {**data, "corpus": str(root)})
-    done = subprocess.run([sys.executable, "-m", "ofa_ds.cli", "pretrain", str(run)], env=H.env(), cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "ofa_ds.cli", "pretrain", str(run)],
+        env=H.env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
     line = [x for x in done.stderr.splitlines() if x.startswith("ofa-ds pretrain:")]
     assert len(line) == 1 and f"{shard}: row " in line[0] and "does not match its checksum" in line[0], line

@@ -1,5 +1,6 @@
 """csrc/resnet compiles (compile only; nothing CUDA runs here): every .cu with nvcc for sm_80 and sm_90
 with warnings as errors, and the torch binding against this torch's headers."""
+
 import os
 import shutil
 import subprocess
@@ -39,11 +40,23 @@ def test_kernels_compile_without_warnings(arch, tmp_path):
 @pytest.mark.parametrize("warning", ["host", "device"])
 def test_strict_flags_turn_warnings_into_errors(warning, tmp_path):
     """The flags of the test above do reject a warning in host code and in device code."""
-    body = {"host": "int f() { int unused = 0; return 1; }",
-            "device": "__global__ void k(float* p) { int unused = 0; p[0] = 1.f; }"}[warning]
+    body = {
+        "host": "int f() { int unused = 0; return 1; }",
+        "device": "__global__ void k(float* p) { int unused = 0; p[0] = 1.f; }",
+    }[warning]
     (tmp_path / "w.cu").write_text(body + "\n")
-    r = _run([NVCC, "-c", str(tmp_path / "w.cu"), "-o", str(tmp_path / "w.o"), *build.STRICT_NVCC_FLAGS,
-              "-gencode", "arch=compute_80,code=sm_80"])
+    r = _run(
+        [
+            NVCC,
+            "-c",
+            str(tmp_path / "w.cu"),
+            "-o",
+            str(tmp_path / "w.o"),
+            *build.STRICT_NVCC_FLAGS,
+            "-gencode",
+            "arch=compute_80,code=sm_80",
+        ]
+    )
     assert r.returncode != 0 and "unused" in r.stdout + r.stderr
 
 

@@ -1,4 +1,5 @@
 """Bad input to `ofa-ds pretrain` fails before any process group starts, naming the key, file or limit."""
+
 import argparse
 import json
 from pathlib import Path
@@ -12,9 +13,9 @@ import yaml
 from ofa_ds.config import ConfigError, TrainConfig
 from ofa_ds.model.convert import CheckpointError, save_safetensors
 from ofa_ds.parallel.groups import ranks_by_host
-from ofa_ds.train.engine import (check_accelerator, ds_config, init_state_dict, load_ds_config, load_weights,
-                                  local_rank)
-from ofa_ds.train.pretrain import prepare
+from ofa_ds.train.ds_json import check_accelerator, ds_config, load_ds_config
+from ofa_ds.train.engine import init_state_dict, load_weights, local_rank
+from ofa_ds.train.prepare import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,8 +26,14 @@ def data(tmp_path_factory):
 
 
 def args(config, *sets, resume=None, change_geometry=False):
-    return argparse.Namespace(config=Path(config), overrides=list(sets), out_dir=None, init_from=None, resume=resume,
-                              change_geometry=change_geometry)
+    return argparse.Namespace(
+        config=Path(config),
+        overrides=list(sets),
+        out_dir=None,
+        init_from=None,
+        resume=resume,
+        change_geometry=change_geometry,
+    )
 
 
 def expect(error, match, config, *sets, **kw):
@@ -55,19 +62,30 @@ def test_impossible_batch_geometry_is_named_against_the_world_size(data, tmp_pat
     cfg = H.write_run(tmp_path, data, train={"global_batch": 6, "micro_batch": 2})
     prepare(args(cfg))  # 6 = 2 x 1 rank x 3
     monkeypatch.setenv("WORLD_SIZE", "2")
-    expect(ConfigError, r"train\.global_batch=6 is not divisible by train\.micro_batch=2 x 2 data-parallel rank\(s\) = 4",
-           cfg)
+    expect(
+        ConfigError,
+        r"train\.global_batch=6 is not divisible by train\.micro_batch=2 x 2 data-parallel rank\(s\) = 4",
+        cfg,
+    )
 
 
 def test_missing_corpus_and_mismatched_tokenizer(data, tmp_path):
     cfg = H.write_run(tmp_path, data)
     expect(ConfigError, r"corpus: .*nowhere does not exist$", cfg, f"corpus={tmp_path / 'nowhere'}")
-    expect(ConfigError, r"corpus: no/such/arrow does not exist \(relative paths resolve from the working directory, ",
-           cfg, "corpus=no/such/arrow")
+    expect(
+        ConfigError,
+        r"corpus: no/such/arrow does not exist \(relative paths resolve from the working directory, ",
+        cfg,
+        "corpus=no/such/arrow",
+    )
     (tmp_path / "empty").mkdir()
     expect(ConfigError, r"corpus: .*empty/manifest\.json: missing", cfg, f"corpus={tmp_path / 'empty'}")
-    expect(ConfigError, r"tokenizer .* has vocab_size %d but the model expects vocab_size 1000" % data["vocab"], cfg,
-           "model_overrides.vocab_size=1000")
+    expect(
+        ConfigError,
+        r"tokenizer .* has vocab_size %d but the model expects vocab_size 1000" % data["vocab"],
+        cfg,
+        "model_overrides.vocab_size=1000",
+    )
     expect(ConfigError, r"no tokenizer\.json", cfg, f"data.tokenizer={tmp_path}")
     expect(ConfigError, r"init_from: .* does not exist", cfg, f"init_from={tmp_path / 'missing.pt'}")
 
@@ -117,9 +135,13 @@ def test_precision_the_machine_lacks_is_refused_at_run_time_only(monkeypatch):
 
 def test_bf16_without_fp32_gradient_accumulation_is_refused():
     ds = {**H.DS_FP32_ZERO3, "bf16": {"enabled": True}}
-    with pytest.raises(ConfigError, match=r'ds.json: bf16 needs "data_types": \{"grad_accum_dtype": "fp32"\} \(got None\)'):
+    with pytest.raises(
+        ConfigError, match=r'ds.json: bf16 needs "data_types": \{"grad_accum_dtype": "fp32"\} \(got None\)'
+    ):
         ds_config(ds, TrainConfig(global_batch=8, micro_batch=2), 1, "ds.json")
-    ds_config({**ds, "data_types": {"grad_accum_dtype": "fp32"}}, TrainConfig(global_batch=8, micro_batch=2), 1, "ds.json")
+    ds_config(
+        {**ds, "data_types": {"grad_accum_dtype": "fp32"}}, TrainConfig(global_batch=8, micro_batch=2), 1, "ds.json"
+    )
 
 
 @pytest.mark.parametrize("var", ["LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"])
@@ -144,7 +166,7 @@ def test_shipped_run_configs_parse(path):
     import re
 
     from ofa_ds.config import RunConfig
-    from ofa_ds.train.engine import zero_stage
+    from ofa_ds.train.ds_json import zero_stage
 
     run = RunConfig.from_dict(yaml.safe_load(path.read_text()))
     sized = re.search(r"x(\d+)\.yaml$", path.name)
@@ -165,14 +187,23 @@ def test_invalid_layouts_are_named_before_any_process_starts(data, tmp_path, mon
     prepare(args(cfg, "parallel.tensor=2"))  # TP 2 x DP 2, the tiny model's 2 heads split in 2
     expect(ConfigError, r"parallel\.tensor=4 does not divide model heads=2", cfg, "parallel.tensor=4")
     monkeypatch.setenv("WORLD_SIZE", "3")
-    expect(ConfigError, r"world size 3 is not a multiple of parallel\.tensor=2 x parallel\.pipeline=1", cfg,
-           "parallel.tensor=2")
+    expect(
+        ConfigError,
+        r"world size 3 is not a multiple of parallel\.tensor=2 x parallel\.pipeline=1",
+        cfg,
+        "parallel.tensor=2",
+    )
     monkeypatch.setenv("WORLD_SIZE", "4")
     expect(ConfigError, r"parallel\.pipeline=2 with ZeRO stage 3", cfg, "parallel.pipeline=2")  # the run's JSON: ZeRO-3
     expect(ConfigError, r"parallel\.pipeline=4 stages for 1\+1 transformer layers", cfg, "parallel.pipeline=4")
     expect(ConfigError, r"sequence_parallel needs parallel\.tensor > 1", cfg, "parallel.sequence_parallel=true")
-    expect(ConfigError, r"train\.global_batch=6 is not divisible by train\.micro_batch=2 x 2 data-parallel", cfg,
-           "parallel.tensor=2", "train.global_batch=6")
+    expect(
+        ConfigError,
+        r"train\.global_batch=6 is not divisible by train\.micro_batch=2 x 2 data-parallel",
+        cfg,
+        "parallel.tensor=2",
+        "train.global_batch=6",
+    )
     expect(ConfigError, r"parallel\.pipeline_partition='layers'; valid", cfg, "parallel.pipeline_partition=layers")
 
 
@@ -180,8 +211,10 @@ def test_partitioned_pipe_transfers_are_refused_and_turned_off_for_pipelines():
     ds = {"optimizer": {"type": "AdamW"}, "gradient_clipping": 1.0, "zero_optimization": {"stage": 1}}
     with pytest.raises(ConfigError, match="pipe_partitioned"):
         ds_config({**ds, "pipeline": {"pipe_partitioned": True}}, TrainConfig(), 1, "x.json", 2)
-    assert ds_config(ds, TrainConfig(), 1, "x.json", 2)["pipeline"] == {"pipe_partitioned": False,
-                                                                       "grad_partitioned": False}
+    assert ds_config(ds, TrainConfig(), 1, "x.json", 2)["pipeline"] == {
+        "pipe_partitioned": False,
+        "grad_partitioned": False,
+    }
 
 
 def test_cpu_ranks_share_the_cores_without_omp_num_threads(monkeypatch):
@@ -213,7 +246,9 @@ def test_init_from_an_ofa_checkpoint_and_an_export(tmp_path):
     load_weights(again, init_state_dict(tmp_path / "m.safetensors", cfg))
     assert all(a.equal(b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     cfg.embed_dim, cfg.encoder_layers = 128, 3
-    with pytest.raises(CheckpointError, match=r"embed_dim: 256 in the checkpoint, 128 in this run\n  encoder_layers: 2"):
+    with pytest.raises(
+        CheckpointError, match=r"embed_dim: 256 in the checkpoint, 128 in this run\n  encoder_layers: 2"
+    ):
         init_state_dict(fixture, cfg)
 
 
@@ -222,18 +257,31 @@ def test_resume_refuses_a_checkpoint_of_another_model_naming_the_differences(dat
     tag = tmp_path / "run" / "checkpoints" / "step_00000002"
     tag.mkdir(parents=True)
     plan = prepare(args(cfg))
-    meta = {"step": 2, "world_size": 1, "model": {**plan.model.to_dict(), "ffn_dim": 256, "heads": 4},
-            "config": plan.run.to_dict()}
+    meta = {
+        "step": 2,
+        "world_size": 1,
+        "model": {**plan.model.to_dict(), "ffn_dim": 256, "heads": 4},
+        "config": plan.run.to_dict(),
+    }
     (tag / "meta.json").write_text(json.dumps(meta))
     (tag.parent / "latest").write_text(tag.name)
-    expect(ConfigError, r"different model config \(checkpoint -> this run\):\n  ffn_dim: 256 -> 128\n  heads: 4 -> 2",
-           cfg, resume="")
+    expect(
+        ConfigError,
+        r"different model config \(checkpoint -> this run\):\n  ffn_dim: 256 -> 128\n  heads: 4 -> 2",
+        cfg,
+        resume="",
+    )
     expect(ConfigError, r"already has checkpoints: pass --resume", cfg)
     meta["model"] = plan.model.to_dict()
     meta["world_size"] = 2
     (tag / "meta.json").write_text(json.dumps(meta))
-    expect(ConfigError, r"written at layout TP 1 x PP 1 x DP 2 \(2 ranks\), this run is TP 1 x PP 1 x DP 1 \(1 "
-           r"ranks\).*run `ofa-ds to-universal .*step_00000002` once", cfg, resume="")
+    expect(
+        ConfigError,
+        r"written at layout TP 1 x PP 1 x DP 2 \(2 ranks\), this run is TP 1 x PP 1 x DP 1 \(1 "
+        r"ranks\).*run `ofa-ds to-universal .*step_00000002` once",
+        cfg,
+        resume="",
+    )
     (tag / "meta.json").unlink()
     expect(ConfigError, r"step_00000002: incomplete checkpoint", cfg, resume=str(tag))
 
@@ -247,9 +295,17 @@ def test_resume_with_another_schedule_or_data_order_is_refused_unless_accepted(d
     (tag / "meta.json").write_text(json.dumps(meta))
     (tag.parent / "latest").write_text(tag.name)
     assert prepare(args(cfg, "train.log_every=5", resume="")).resume == tag  # not geometry: printed, accepted
-    expect(ConfigError, r"another schedule or data order \(checkpoint -> this run\):\n  data\.seed: 7 -> 8\n"
-                        r"  train\.micro_batch: 2 -> 4\n  train\.steps: 6 -> 9\nresume with the checkpoint's values, "
-                        r"or pass --change-geometry", cfg, "train.steps=9", "train.micro_batch=4", "data.seed=8", resume="")
+    expect(
+        ConfigError,
+        r"another schedule or data order \(checkpoint -> this run\):\n  data\.seed: 7 -> 8\n"
+        r"  train\.micro_batch: 2 -> 4\n  train\.steps: 6 -> 9\nresume with the checkpoint's values, "
+        r"or pass --change-geometry",
+        cfg,
+        "train.steps=9",
+        "train.micro_batch=4",
+        "data.seed=8",
+        resume="",
+    )
     expect(ConfigError, r"train\.global_batch: 8 -> 16", cfg, "train.global_batch=16", resume="")
     plan = prepare(args(cfg, "train.steps=9", resume="", change_geometry=True))
     assert plan.resume == tag and plan.run.train.steps == 9
@@ -262,5 +318,6 @@ def test_env_reports_versions_backend_and_extensions(capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["versions"]["deepspeed"] == __import__("deepspeed").__version__
     assert report["backend"]["pretrain_uses"] == ("nccl" if torch.cuda.is_available() else "gloo")
-    assert {"fused_adam", "cpu_adam", "ofa_ds resnet_cuda", "triton", "ofa_ds pixel_ops",
-            "ofa_ds jpegtran"} <= report["extensions"].keys()
+    assert {"fused_adam", "cpu_adam", "ofa_ds resnet_cuda", "triton", "ofa_ds pixel_ops", "ofa_ds jpegtran"} <= report[
+        "extensions"
+    ].keys()

@@ -1,6 +1,7 @@
 """2-rank ZeRO-3 training on CPU = single-process training on the same global batch (fp32, 1e-5), with OFA's
 dropout and drop-path (each rank's draws replayed in the single process) and per-rank BatchNorm statistics; ZeRO-3
 with DeepSpeed's default persistence threshold and with every parameter partitioned."""
+
 import json
 
 import pretrain_harness as H
@@ -29,7 +30,9 @@ def single_process_training(run_dir):
     model = OFAModel(cfg)
     model.load_state_dict(init)
     p = ds["optimizer"]["params"]
-    opt = torch.optim.AdamW(model.parameters(), lr=p["lr"], betas=p["betas"], eps=p["eps"], weight_decay=p["weight_decay"])
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=p["lr"], betas=p["betas"], eps=p["eps"], weight_decay=p["weight_decay"]
+    )
     t = run.train
     corpus, tok = Corpus(run.corpus), load_tokenizer(run.data.tokenizer)
     ranks = [iter(build_loader(corpus, tok, run.data, dp_rank=r, dp_size=2, micro_batch=t.micro_batch)) for r in (0, 1)]
@@ -40,8 +43,12 @@ def single_process_training(run_dir):
         streams.append(torch.get_rng_state())
     losses = []
     for step in range(1, t.steps + 1):
-        schedule.set_lr(opt, schedule.lr_at(step, peak=p["lr"], steps=t.steps, warmup_ratio=t.warmup_ratio,
-                                             power=t.lr_power, end_lr=t.end_lr))
+        schedule.set_lr(
+            opt,
+            schedule.lr_at(
+                step, peak=p["lr"], steps=t.steps, warmup_ratio=t.warmup_ratio, power=t.lr_power, end_lr=t.end_lr
+            ),
+        )
         micro = [next(it) for it in ranks for _ in range(gas)]
         n = sum(count_tokens(b, cfg.pad_id) for b in micro)
         opt.zero_grad()
@@ -109,8 +116,11 @@ def test_zero_stages_1_and_2_train_as_zero3(stage, tmp_path, tmp_path_factory):
     ref = H.reference_run(base, data)
     ds = {**H.DS_FP32_ZERO3, "zero_optimization": {"stage": stage}}
     run = H.write_run(tmp_path, data, ds=ds, train={"steps": 4, "save_every": 2, "keep_last": 3})
-    codes, out = H.launch(2, [str(run), "--init-from", str(ref / "init.safetensors")],
-                          harness=["--trace-init", str(tmp_path / "init_reads")])
+    codes, out = H.launch(
+        2,
+        [str(run), "--init-from", str(ref / "init.safetensors")],
+        harness=["--trace-init", str(tmp_path / "init_reads")],
+    )
     assert codes == [0, 0], out
     assert sorted(p.name for p in (tmp_path / "init_reads").iterdir()) == ["rank0"]  # rank 0 read it and broadcast
     got, want = H.metrics(tmp_path / "run"), H.metrics(ref / "run")

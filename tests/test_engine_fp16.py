@@ -1,4 +1,5 @@
 """fp16: an update the loss scaler skips still counts; the lr schedule, the step and the data stay together."""
+
 import json
 
 import pretrain_harness as H
@@ -7,8 +8,17 @@ import pytest
 from ofa_ds.train.schedule import lr_at
 
 # fp16 with DeepSpeed's dynamic loss scale (as configs/ds/fp16_zero3.json), ZeRO-3
-DS_FP16 = {**H.DS_FP32_ZERO3, "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 7,
-                                        "loss_scale_window": 128, "hysteresis": 1, "min_loss_scale": 1}}
+DS_FP16 = {
+    **H.DS_FP32_ZERO3,
+    "fp16": {
+        "enabled": True,
+        "loss_scale": 0,
+        "initial_scale_power": 7,
+        "loss_scale_window": 128,
+        "hysteresis": 1,
+        "min_loss_scale": 1,
+    },
+}
 
 
 @pytest.mark.slow
@@ -26,7 +36,7 @@ def test_a_skipped_fp16_update_keeps_the_lr_schedule_in_step(tmp_path, tmp_path_
     applied = [json.loads(line) for line in record.read_text().splitlines()]  # [update, lr the optimizer used]
     want = {t: lr_at(t, peak=1e-4, steps=5, warmup_ratio=0.4, power=1.0, end_lr=0.0) for t in (1, 3, 4, 5)}
     assert {t: lr for t, lr in applied} == pytest.approx(want), applied
-    assert H.metrics(tmp_path / "run", "train/lr") == pytest.approx({**want, 2: lr_at(2, peak=1e-4, steps=5,
-                                                                                    warmup_ratio=0.4, power=1.0,
-                                                                                    end_lr=0.0)})
+    assert H.metrics(tmp_path / "run", "train/lr") == pytest.approx(
+        {**want, 2: lr_at(2, peak=1e-4, steps=5, warmup_ratio=0.4, power=1.0, end_lr=0.0)}
+    )
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_00000005"

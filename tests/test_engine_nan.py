@@ -1,4 +1,5 @@
 """A NaN loss stops the run without saving: `latest` stays on the last good checkpoint."""
+
 import pretrain_harness as H
 import pytest
 

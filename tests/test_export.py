@@ -1,4 +1,5 @@
 """ZeRO-3 checkpoint -> consolidated safetensors (and OFA's format) -> model: the trained weights, exactly."""
+
 import pretrain_harness as H
 import pytest
 import torch

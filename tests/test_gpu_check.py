@@ -1,6 +1,7 @@
 """`bash benchmarks/gpu_check.sh` without a GPU: its CPU parts pass, its GPU parts are reported skipped, and its JSON
 has the schema a GPU run writes. Also the driver's own promise: a part that fails, crashes or hangs is recorded and
 the next part still runs."""
+
 from __future__ import annotations
 
 import json
@@ -15,10 +16,30 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CPU_PARTS = ["env", "attention_check", "engine"]
 GPU_PARTS = ["resnet_extension", "gpu_tests", "attention_bench", "resnet_bench", "engine_large"]
-ORDER = ["env", "resnet_extension", "attention_check", "engine", "gpu_tests", "attention_bench", "resnet_bench",
-         "engine_large"]
-TOP = {"schema": str, "started": str, "seconds": float, "budget_s": float, "cuda": bool, "device": str,
-       "torch": str, "host": str, "out_dir": str, "parts": dict, "summary": dict, "notes": list}
+ORDER = [
+    "env",
+    "resnet_extension",
+    "attention_check",
+    "engine",
+    "gpu_tests",
+    "attention_bench",
+    "resnet_bench",
+    "engine_large",
+]
+TOP = {
+    "schema": str,
+    "started": str,
+    "seconds": float,
+    "budget_s": float,
+    "cuda": bool,
+    "device": str,
+    "torch": str,
+    "host": str,
+    "out_dir": str,
+    "parts": dict,
+    "summary": dict,
+    "notes": list,
+}
 PART = {"status": str, "gpu_only": bool, "seconds": float, "limit_s": float, "figures": dict}
 STATUSES = {"ok", "failed", "skipped"}
 
@@ -49,8 +70,14 @@ def test_gpu_check_on_cpu(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the CPU path, also on a machine with a GPU
     start = time.monotonic()
-    done = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_check.sh"), str(out)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks/gpu_check.sh"), str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     seconds = time.monotonic() - start
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert str(out / "gpu_check.json") in done.stdout and "versions:" in done.stdout  # the environment is printed
@@ -73,7 +100,8 @@ def test_gpu_check_on_cpu(tmp_path):
     assert att["device"] == "cpu" and att["interpreter"] is True and len(att["cases"]) == 9
     # every dtype x head dim pair once, and every attention kind (padded encoder, causal decoders)
     assert {(c["dtype"], c["head_dim"]) for c in att["cases"]} == {
-        (f"torch.{t}", d) for t in ("float32", "float16", "bfloat16") for d in (64, 80, 128)}
+        (f"torch.{t}", d) for t in ("float32", "float16", "bfloat16") for d in (64, 80, 128)
+    }
     assert {c["kind"] for c in att["cases"]} == {"encoder", "decoder_text", "decoder_code"}
     for case in att["cases"]:
         assert set(case["rel_err"]) == {"out", "dq", "dk", "dv", "d_text_table", "d_image_table"}
@@ -114,8 +142,11 @@ def test_a_crashing_or_hanging_part_does_not_stop_the_rest(tmp_path, monkeypatch
     script = tmp_path / "stand_in.py"
     script.write_text(STAND_IN)
     monkeypatch.setattr(gpu_check, "__file__", str(script))
-    monkeypatch.setattr(gpu_check, "PARTS", [gpu_check.Part(name, None, False, limit) for name, limit in
-                                             (("crashes", 30), ("hangs", 3), ("passes", 30))])
+    monkeypatch.setattr(
+        gpu_check,
+        "PARTS",
+        [gpu_check.Part(name, None, False, limit) for name, limit in (("crashes", 30), ("hangs", 3), ("passes", 30))],
+    )
     start = time.monotonic()
     assert gpu_check.main([str(tmp_path / "out"), "--budget", "100"]) == 1
     assert time.monotonic() - start < 30

@@ -1,5 +1,6 @@
 """train/host_memory: on CPU a training step's large blocks come back from the process's heap, not as fresh pages
 from the kernel."""
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,13 @@ print(kept, *faults)
 
 
 def _faults(mode: str) -> tuple[str, list[int]]:
-    out = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, check=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     kept, *faults = out.stdout.split()
     return kept, [int(n) for n in faults]
 

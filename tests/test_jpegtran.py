@@ -1,5 +1,6 @@
 """Progressive JPEGs are stored as baseline ones at conversion (csrc/jpegtran): the same pixels, in every decoder
 and at every DCT scale the loader uses; everything else is stored byte for byte."""
+
 import base64
 import io
 import os

@@ -58,7 +58,7 @@ def test_stream_format(tok, corpus):
         # right padding: after a sequence's eos only pad
         for row in s["src_tokens"]:
             end = row.tolist().index(2)
-            assert (row[end + 1:] == 1).all()
+            assert (row[end + 1 :] == 1).all()
         assert (s["prev_output_tokens"][:, 0] == 0).all()
     assert v1["patch_idx"].shape == (16, 9) and "patch_idx" not in v2
     assert v1["patch_masks"].all() and not v1["code_masks"].any()
@@ -98,9 +98,13 @@ def test_model_inputs_one_image_per_distinct_image_and_hole():
     without any image keeps one image, all 0."""
     pixels = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
     hole = [2, 3, 10, 12]
-    stream = {"src_tokens": torch.ones(5, 8, dtype=torch.long), "patch_images": pixels,
-              "image_index": torch.tensor([1, 1, 2, 2, 1]), "patch_masks": torch.ones(5, dtype=torch.bool),
-              "patch_holes": torch.tensor([[0] * 4, [0] * 4, [0] * 4, [0] * 4, hole])}
+    stream = {
+        "src_tokens": torch.ones(5, 8, dtype=torch.long),
+        "patch_images": pixels,
+        "image_index": torch.tensor([1, 1, 2, 2, 1]),
+        "patch_masks": torch.ones(5, dtype=torch.bool),
+        "patch_holes": torch.tensor([[0] * 4, [0] * 4, [0] * 4, [0] * 4, hole]),
+    }
     x = model_inputs(stream, "cpu", torch.float32)
     normalised = (pixels.float() / 255 - 0.5) / 0.5
     with_hole = normalised[1].clone()
@@ -119,8 +123,10 @@ def test_v2_is_none_without_extras(tok, corpus):
 
 @pytest.mark.slow
 def test_same_batches_for_0_1_2_workers(tok, corpus):
-    runs = [take(build_loader(corpus, tok, CFG, dp_rank=1, dp_size=2, micro_batch=4, consumed_samples=0,
-                              num_workers=w), 5) for w in (0, 1, 2)]
+    runs = [
+        take(build_loader(corpus, tok, CFG, dp_rank=1, dp_size=2, micro_batch=4, consumed_samples=0, num_workers=w), 5)
+        for w in (0, 1, 2)
+    ]
     for batches in runs[1:]:
         for a, b in zip(runs[0], batches):
             assert_same(a, b)
@@ -173,12 +179,17 @@ def test_real_corpus_and_tokenizer_cli(tmp_path, tok):
     from ofa_ds.data.shards import Corpus
     from ofa_ds.data.tsv2arrow import ConvertConfig, convert
 
-    write_sample_corpus(SampleConfig(out=str(tmp_path / "tsv"), vl_rows=16, text_rows=4, image_rows=2,
-                                     detection_rows=2, min_size=48, max_size=64))
+    write_sample_corpus(
+        SampleConfig(
+            out=str(tmp_path / "tsv"), vl_rows=16, text_rows=4, image_rows=2, detection_rows=2, min_size=48, max_size=64
+        )
+    )
     convert(ConvertConfig(src=str(tmp_path / "tsv"), out=str(tmp_path / "arrow"), workers=1))
     corpus = Corpus(tmp_path / "arrow")
-    runs = [take(build_loader(corpus, tok, CFG, dp_rank=0, dp_size=1, micro_batch=8, consumed_samples=0,
-                              num_workers=w), 2) for w in (0, 2)]
+    runs = [
+        take(build_loader(corpus, tok, CFG, dp_rank=0, dp_size=1, micro_batch=8, consumed_samples=0, num_workers=w), 2)
+        for w in (0, 2)
+    ]
     for a, b in zip(*runs):
         assert_same(a, b)
     assert runs[0][0]["v1"]["src_tokens"].shape[0] == 16 and runs[0][0]["v2"]["src_tokens"].shape[0] == 4
@@ -214,8 +225,11 @@ def test_processes_with_live_workers_exit_cleanly(tmp_path):
     from ofa_ds.data.sample_corpus import SampleConfig, write_sample_corpus
     from ofa_ds.data.tsv2arrow import ConvertConfig, convert
 
-    write_sample_corpus(SampleConfig(out=str(tmp_path / "tsv"), vl_rows=16, text_rows=4, image_rows=2,
-                                     detection_rows=2, min_size=48, max_size=64))
+    write_sample_corpus(
+        SampleConfig(
+            out=str(tmp_path / "tsv"), vl_rows=16, text_rows=4, image_rows=2, detection_rows=2, min_size=48, max_size=64
+        )
+    )
     convert(ConvertConfig(src=str(tmp_path / "tsv"), out=str(tmp_path / "arrow"), workers=1))
     script = f"""
 import sys
@@ -232,6 +246,10 @@ if sys.argv[2] == "drop":
     del it
 """
     for k in range(8):
-        res = subprocess.run([sys.executable, "-c", script, str(1 + k % 3), ("keep", "drop")[k % 2]],
-                             capture_output=True, text=True, timeout=120)
+        res = subprocess.run(
+            [sys.executable, "-c", script, str(1 + k % 3), ("keep", "drop")[k % 2]],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert res.returncode == 0, res.stderr[-2000:]

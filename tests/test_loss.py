@@ -67,8 +67,10 @@ def test_shares_of_any_split_sum_to_the_global_loss_and_gradient():
     def part(s, rows, cols):
         return {k: v[rows][:, :cols] if k == "target" else v[rows] for k, v in s.items()}
 
-    micro = [{"v1": part(v1, slice(0, 1), 2), "v2": part(v2, slice(0, 2), 3)},  # trimmed padding
-             {"v1": part(v1, slice(1, 4), 4), "v2": None}]
+    micro = [
+        {"v1": part(v1, slice(0, 1), 2), "v2": part(v2, slice(0, 2), 3)},  # trimmed padding
+        {"v1": part(v1, slice(1, 4), 4), "v2": None},
+    ]
     logit_parts = [(lg1[0:1, :2], lg2), (lg1[1:4], None)]
     n = sum(count_tokens(b, PAD) for b in micro)
     assert n.tolist() == count_tokens(whole, PAD).tolist()

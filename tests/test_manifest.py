@@ -1,4 +1,5 @@
 """A corpus manifest is checked at open: each corruption gets one error naming the key, never a traceback."""
+
 import json
 import shutil
 import subprocess
@@ -54,6 +55,12 @@ def test_a_corpus_without_vl_rows_fails_before_the_process_group(tmp_path, tmp_p
     m["manifest_sha256"] = manifest_digest(m)
     (root / "manifest.json").write_text(json.dumps(m))
     run = H.write_run(tmp_path, {**data, "corpus": str(root)})
-    done = subprocess.run([sys.executable, "-m", "ofa_ds.cli", "pretrain", str(run)], env=H.env(), cwd=H.ROOT,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "ofa_ds.cli", "pretrain", str(run)],
+        env=H.env(),
+        cwd=H.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2 and "has no VL rows" in done.stderr and "Traceback" not in done.stderr

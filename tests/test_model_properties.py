@@ -1,4 +1,5 @@
 """Model properties on a small random OFA: causality, padding invariance, mixed batches, patch sampling."""
+
 import pytest
 import torch
 
@@ -11,8 +12,19 @@ V = 300
 
 
 def small(**kw):
-    base = dict(embed_dim=64, ffn_dim=128, heads=2, encoder_layers=1, decoder_layers=2, resnet="resnet18",
-                vocab_size=V, dropout=0.0, encoder_drop_path=0.0, decoder_drop_path=0.0, attn_backend="reference")
+    base = dict(
+        embed_dim=64,
+        ffn_dim=128,
+        heads=2,
+        encoder_layers=1,
+        decoder_layers=2,
+        resnet="resnet18",
+        vocab_size=V,
+        dropout=0.0,
+        encoder_drop_path=0.0,
+        decoder_drop_path=0.0,
+        attn_backend="reference",
+    )
     return ModelConfig(**{**base, **kw})
 
 
@@ -28,8 +40,12 @@ def batch(B=2, L=7, T=6, R=64, seed=1):
     src[:, 0], src[:, -1] = 0, 2
     prev = torch.randint(4, V, (B, T), generator=g)
     prev[:, 0] = 0
-    return dict(src_tokens=src, prev_output_tokens=prev, patch_images=torch.randn(B, 3, R, R, generator=g),
-                patch_masks=torch.ones(B, dtype=torch.bool))
+    return dict(
+        src_tokens=src,
+        prev_output_tokens=prev,
+        patch_images=torch.randn(B, 3, R, R, generator=g),
+        patch_masks=torch.ones(B, dtype=torch.bool),
+    )
 
 
 def run(model, **s):
@@ -52,8 +68,10 @@ def test_padding_invariance(model):
     s = batch()
     base = run(model, **s)
     pad = lambda x, n: torch.cat([x, torch.ones(x.shape[0], n, dtype=x.dtype)], 1)  # noqa: E731
-    out = run(model, **{**s, "src_tokens": pad(s["src_tokens"], 5), "prev_output_tokens": pad(s["prev_output_tokens"], 3)})
-    torch.testing.assert_close(out[:, :base.shape[1]], base, atol=1e-5, rtol=1e-5)
+    out = run(
+        model, **{**s, "src_tokens": pad(s["src_tokens"], 5), "prev_output_tokens": pad(s["prev_output_tokens"], 3)}
+    )
+    torch.testing.assert_close(out[:, : base.shape[1]], base, atol=1e-5, rtol=1e-5)
 
 
 def test_mixed_image_and_text_batch(model):
@@ -75,8 +93,8 @@ def test_code_target_samples(model):
     codes = torch.tensor([False, True])
     mixed = run(model, **s, code_masks=codes)
     for i in range(2):
-        alone = run(model, **{k: v[i:i + 1] for k, v in s.items()}, code_masks=codes[i:i + 1])
-        torch.testing.assert_close(mixed[i:i + 1], alone, atol=1e-5, rtol=1e-5)
+        alone = run(model, **{k: v[i : i + 1] for k, v in s.items()}, code_masks=codes[i : i + 1])
+        torch.testing.assert_close(mixed[i : i + 1], alone, atol=1e-5, rtol=1e-5)
     as_text = run(model, **s)
     assert torch.equal(as_text[0], mixed[0]) and not torch.allclose(as_text[1], mixed[1], atol=1e-3)
 
@@ -89,8 +107,9 @@ def test_patch_sampling_keeps_positions(model):
     with torch.no_grad():
         full = model.encode(s["src_tokens"], s["patch_images"], s["patch_masks"])
         sampled = model.encode(s["src_tokens"], s["patch_images"], s["patch_masks"], patch_idx=perm)
-    torch.testing.assert_close(sampled.x[:, :P], full.x[:, :P].gather(1, perm[..., None].expand(-1, -1, 64)),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        sampled.x[:, :P], full.x[:, :P].gather(1, perm[..., None].expand(-1, -1, 64)), atol=1e-5, rtol=1e-5
+    )
     torch.testing.assert_close(sampled.x[:, P:], full.x[:, P:], atol=1e-5, rtol=1e-5)
     with torch.no_grad():  # a subset: K tokens, positions of the chosen patches
         sub = model.encode(s["src_tokens"], s["patch_images"], s["patch_masks"], patch_idx=perm[:, :5])
@@ -108,9 +127,14 @@ def test_shared_images_equal_an_image_per_example(masks):
     g = torch.Generator().manual_seed(2)
     pixels = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8, generator=g)
     pixels[0] = 0  # the loader's zero image of examples without one
-    stream = {**s, "patch_images": pixels, "image_index": torch.tensor([1, 1, 1, 0, 2]),
-              "patch_masks": torch.tensor(masks), "patch_holes": torch.zeros(5, 4, dtype=torch.long),
-              "patch_idx": torch.stack([torch.randperm(16, generator=g)[:10] for _ in range(5)])}
+    stream = {
+        **s,
+        "patch_images": pixels,
+        "image_index": torch.tensor([1, 1, 1, 0, 2]),
+        "patch_masks": torch.tensor(masks),
+        "patch_holes": torch.zeros(5, 4, dtype=torch.long),
+        "patch_idx": torch.stack([torch.randperm(16, generator=g)[:10] for _ in range(5)]),
+    }
     stream["patch_holes"][2] = torch.tensor([16, 8, 48, 40])  # x0, y0, x1, y1
     per_example = (pixels[stream["image_index"]].float() / 255 - 0.5) / 0.5  # (5, 3, 64, 64)
     per_example[2, :, 8:40, 16:48] = 0
@@ -185,6 +209,13 @@ def test_bad_checkpoint_lists_every_problem():
     with pytest.raises(CheckpointError) as e:
         load_strict(m, sd)
     msg = str(e.value)
-    for needle in ["2 missing", "encoder.pos_ln.weight", "decoder.layers.1.ffn.fc2.bias", "1 unexpected",
-                   "encoder.extra.weight", "1 mis-shaped", "embed_tokens.weight: checkpoint (305, 64) vs model (300, 64)"]:
+    for needle in [
+        "2 missing",
+        "encoder.pos_ln.weight",
+        "decoder.layers.1.ffn.fc2.bias",
+        "1 unexpected",
+        "encoder.extra.weight",
+        "1 mis-shaped",
+        "embed_tokens.weight: checkpoint (305, 64) vs model (300, 64)",
+    ]:
         assert needle in msg

@@ -1,16 +1,22 @@
 """Equivalence with the original OFA code on tests/assets/ofa_small_ref (see its README)."""
+
 import hashlib
 import json
 
 import pytest
 import torch
+from conftest import ASSETS
 
 from ofa_ds.kernels.attention.relpos import image_buckets, text_buckets
-from ofa_ds.model.convert import (config_from_ofa, load_ofa_checkpoint, load_strict, ofa_ds_to_ofa, ofa_model_args,
-                                  ofa_to_ofa_ds)
+from ofa_ds.model.convert import (
+    config_from_ofa,
+    load_ofa_checkpoint,
+    load_strict,
+    ofa_ds_to_ofa,
+    ofa_model_args,
+    ofa_to_ofa_ds,
+)
 from ofa_ds.model.ofa import OFAModel
-
-from conftest import ASSETS
 
 FIX = ASSETS / "ofa_small_ref"
 CASES = ["img_img", "img_noimg", "text_only", "img_codemask"]
@@ -68,15 +74,24 @@ def test_forward_matches_original(ckpt, ref, case, backend):
 
 def test_config_read_from_checkpoint(ckpt):
     cfg = config_from_ofa(ckpt["model"], ofa_model_args(ckpt))
-    assert (cfg.embed_dim, cfg.ffn_dim, cfg.heads, cfg.encoder_layers, cfg.decoder_layers, cfg.vocab_size) == \
-        (256, 1024, 4, 2, 2, 2000)
+    assert (cfg.embed_dim, cfg.ffn_dim, cfg.heads, cfg.encoder_layers, cfg.decoder_layers, cfg.vocab_size) == (
+        256,
+        1024,
+        4,
+        2,
+        2,
+        2000,
+    )
     assert cfg.resnet == "resnet18" and cfg.resnet_layers == (2, 2, 2)
     assert OFAModel(cfg).num_parameters() == json.loads((FIX / "meta.json").read_text())["n_parameters"]
 
 
 def test_recomputed_buffers_match_original(ref):
     meta = json.loads((FIX / "meta.json").read_text())["dropped_buffers"]
-    for key, t in [("encoder.token_rp_bucket", text_buckets(256, 1024)), ("encoder.image_rp_bucket", image_buckets(42))]:
+    for key, t in [
+        ("encoder.token_rp_bucket", text_buckets(256, 1024)),
+        ("encoder.image_rp_bucket", image_buckets(42)),
+    ]:
         assert hashlib.sha256(t.numpy().astype("<i8").tobytes()).hexdigest() == meta[key]["sha256_int64_le"]
     tb = text_buckets(256, 1024)
     assert torch.equal(tb[0], ref["buffer.token_rp_bucket.row0"])
@@ -92,4 +107,6 @@ def test_round_trip_is_bit_exact(ckpt):
         assert back[k].dtype == v.dtype and back[k].shape == v.shape, k
         assert torch.equal(back[k], v), k
     # What the fixture left out (OFA restores it on load) is regenerated exactly as OFA builds it.
-    assert set(back) - set(sd) == {f"{s}.{b}" for s in ("encoder", "decoder") for b in ("token_rp_bucket", "image_rp_bucket")}
+    assert set(back) - set(sd) == {
+        f"{s}.{b}" for s in ("encoder", "decoder") for b in ("token_rp_bucket", "image_rp_bucket")
+    }

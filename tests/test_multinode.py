@@ -1,5 +1,6 @@
 """Two nodes simulated on one machine: launch/multi_node.sh twice (the deepspeed launcher with --no_ssh and
 --node_rank), one rank each, rendezvous at 127.0.0.1; validation runs across both."""
+
 import subprocess
 
 import pretrain_harness as H
@@ -9,17 +10,28 @@ import pytest
 @pytest.mark.slow
 def test_two_node_launch_trains(tmp_path, tmp_path_factory):
     data = H.tiny_data(tmp_path_factory.getbasetemp() / "tiny_data")
-    run = H.write_run(tmp_path, data, val_corpus=data["corpus"],
-                      train={"steps": 2, "global_batch": 4, "micro_batch": 2, "save_every": 2, "eval_every": 2,
-                             "eval_batches": 1})
+    run = H.write_run(
+        tmp_path,
+        data,
+        val_corpus=data["corpus"],
+        train={"steps": 2, "global_batch": 4, "micro_batch": 2, "save_every": 2, "eval_every": 2, "eval_batches": 1},
+    )
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# two simulated nodes\nnode-a slots=1\nnode-b slots=1\n")
     port = H.free_port()
     nodes = []
     for rank in (0, 1):
         env = {**H.env(), "NODE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        nodes.append(subprocess.Popen(["bash", str(H.ROOT / "launch" / "multi_node.sh"), str(hostfile), str(run)],
-                                      env=env, cwd=H.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        nodes.append(
+            subprocess.Popen(
+                ["bash", str(H.ROOT / "launch" / "multi_node.sh"), str(hostfile), str(run)],
+                env=env,
+                cwd=H.ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outs = [p.communicate(timeout=600)[0] for p in nodes]  # the first launch on a machine JIT-builds a DeepSpeed op
     assert [p.returncode for p in nodes] == [0, 0], "\n".join(outs)
     assert "TP 1 x PP 1 x DP 2 = 2 rank(s) on 2 node(s)" in outs[0]
@@ -45,8 +57,16 @@ def test_two_node_tensor_parallel_matches_one_node(tmp_path, tmp_path_factory):
     nodes = []
     for rank in (0, 1):
         env = {**H.env(), "NODE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        nodes.append(subprocess.Popen(["bash", str(H.ROOT / "launch" / "multi_node.sh"), str(hostfile), str(run)],
-                                      env=env, cwd=H.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        nodes.append(
+            subprocess.Popen(
+                ["bash", str(H.ROOT / "launch" / "multi_node.sh"), str(hostfile), str(run)],
+                env=env,
+                cwd=H.ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outs = [p.communicate(timeout=900)[0] for p in nodes]
     assert [p.returncode for p in nodes] == [0, 0], "\n".join(outs)
     assert "TP 2 x PP 1 x DP 2 = 4 rank(s) on 2 node(s) of 2" in outs[0]

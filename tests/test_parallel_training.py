@@ -6,6 +6,7 @@ parameters within 1e-5. A layout is compared with the layout of the same data-pa
 micro-batches: TP=2, PP=2 and TP=2 x PP=2 with one process, TP=2 x DP=2 with DP=2 (which
 tests/test_engine_equivalence.py ties to a single process).
 """
+
 import json
 import shutil
 
@@ -64,15 +65,29 @@ def ds_json(stage: int, lr: float) -> dict:
 
 def write(d, data, name: str):
     ranks, parallel, stage, dropout = LAYOUTS[name]
-    model = {**H.TINY_MODEL, "vocab_size": data["vocab"], **({} if dropout else OFF),
-             **({} if name.endswith("_learns") else FROZEN_BN)}
+    model = {
+        **H.TINY_MODEL,
+        "vocab_size": data["vocab"],
+        **({} if dropout else OFF),
+        **({} if name.endswith("_learns") else FROZEN_BN),
+    }
     lr, warmup = (1e-3, 0.0) if name.endswith("_learns") else (1e-4, 0.01)
     ds = ds_json(stage, lr)
     if name.startswith("dp2_zero3_dropout"):  # every parameter partitioned: recomputes must gather them again
         ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    return H.write_run(d, data, ds=ds, parallel=parallel, model_overrides=model,
-                       train={"save_every": 2, "keep_last": 4, "warmup_ratio": warmup,
-                              "activation_checkpointing": "layers" if name.endswith("_ac") else "none"})
+    return H.write_run(
+        d,
+        data,
+        ds=ds,
+        parallel=parallel,
+        model_overrides=model,
+        train={
+            "save_every": 2,
+            "keep_last": 4,
+            "warmup_ratio": warmup,
+            "activation_checkpointing": "layers" if name.endswith("_ac") else "none",
+        },
+    )
 
 
 def layout_run(base, name: str):
@@ -112,8 +127,9 @@ def assert_same_training(got, want, *, exact: bool = False, steps=range(1, 7)):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["tp2_zero3", "tp2_zero2", "tp2_zero1", "pp2_zero1", "tp2_pp2_zero1", "tp2_sp_zero3",
-                                  "tp2_pp2_sp_zero1"])
+@pytest.mark.parametrize(
+    "name", ["tp2_zero3", "tp2_zero2", "tp2_zero1", "pp2_zero1", "tp2_pp2_zero1", "tp2_sp_zero3", "tp2_pp2_sp_zero1"]
+)
 def test_model_parallel_layouts_train_as_one_process(name, tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
     one = layout_run(base, "one")
@@ -196,10 +212,13 @@ def test_layouts_with_dropout_learn(name, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, change, other", [
-    ("tp2_zero3_dropout", ["parallel.tensor=1"], "TP 1 x PP 1 x DP 2"),
-    ("pp2_zero1_dropout", ["parallel.pipeline=1", "parallel.tensor=2"], "TP 2 x PP 1 x DP 1"),
-])
+@pytest.mark.parametrize(
+    "name, change, other",
+    [
+        ("tp2_zero3_dropout", ["parallel.tensor=1"], "TP 1 x PP 1 x DP 2"),
+        ("pp2_zero1_dropout", ["parallel.pipeline=1", "parallel.tensor=2"], "TP 2 x PP 1 x DP 1"),
+    ],
+)
 def test_resume_after_sigkill_is_bit_identical(name, change, other, tmp_path, tmp_path_factory):
     """OFA's dropout and drop-path on: killed after update 5, resumed from checkpoint 4, the same losses and
     exported weights as the uninterrupted run, bit for bit."""
@@ -219,12 +238,15 @@ def test_resume_after_sigkill_is_bit_identical(name, change, other, tmp_path, tm
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source, target, last", [
-    ("tp2_zero3", "one", 6),  # TP=2 -> TP=1
-    ("pp2_zero1", "one", 6),  # PP=2 -> PP=1
-    # DP=4 draws v2 examples at other updates (OFA counts rows per rank): update 5 alone matches DP=2's
-    ("tp2_dp2_zero3", "dp4_zero3", 5),
-])
+@pytest.mark.parametrize(
+    "source, target, last",
+    [
+        ("tp2_zero3", "one", 6),  # TP=2 -> TP=1
+        ("pp2_zero1", "one", 6),  # PP=2 -> PP=1
+        # DP=4 draws v2 examples at other updates (OFA counts rows per rank): update 5 alone matches DP=2's
+        ("tp2_dp2_zero3", "dp4_zero3", 5),
+    ],
+)
 def test_resume_at_another_layout(source, target, last, tmp_path, tmp_path_factory):
     """Checkpoint 4 of a layout resumed at another through `ofa-ds to-universal`: the next losses and the weights
     after them as continuing unchanged, within 1e-5. The weights test AdamW's moments too: restarted from zero they
@@ -249,8 +271,9 @@ def test_resume_at_another_layout(source, target, last, tmp_path, tmp_path_facto
         want = src
     else:  # continuing unchanged from the same checkpoint
         want = tmp_path / "same"
-        codes, out = H.launch(LAYOUTS[source][0], [str(write(want, data, source)), "--resume", str(tag), "--set",
-                                                    "train.save_every=1"])
+        codes, out = H.launch(
+            LAYOUTS[source][0], [str(write(want, data, source)), "--resume", str(tag), "--set", "train.save_every=1"]
+        )
         assert codes == [0] * LAYOUTS[source][0], out
         assert cli(["export", str(want / step), str(want / "export.safetensors")]) == 0
     assert_same_training(tmp_path / "to", want, steps=range(5, last + 1))
@@ -263,8 +286,20 @@ def test_validation_under_a_pipeline_equals_one_process(tmp_path, tmp_path_facto
     val = {}
     for name, ranks in (("one", 1), ("pp2_zero1", 2)):
         run = write(tmp_path / name, data, name)
-        codes, out = H.launch(ranks, [str(run), "--set", f"val_corpus={data['corpus']}", "--set", "train.steps=1",
-                                      "--set", "train.eval_every=1", "--set", "train.eval_batches=2"])
+        codes, out = H.launch(
+            ranks,
+            [
+                str(run),
+                "--set",
+                f"val_corpus={data['corpus']}",
+                "--set",
+                "train.steps=1",
+                "--set",
+                "train.eval_every=1",
+                "--set",
+                "train.eval_batches=2",
+            ],
+        )
         assert codes == [0] * ranks, out
         val[name] = {k: H.metrics(tmp_path / name / "run", k)[0] for k in ("val/loss", "val/nll/caption")}
     assert all(abs(val["pp2_zero1"][k] - v) <= 1e-6 for k, v in val["one"].items()), val

@@ -1,4 +1,5 @@
 """The planner (ofa_ds/plan) against DeepSpeed's own model-state estimators, and its command line."""
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,9 @@ def _deepspeed_counts(cfg):
 
 def _states(cfg, gpus, zero):
     # the estimators partition every parameter: DeepSpeed's persistence threshold (small tensors kept whole) at 0
-    m = model_states(counts(cfg), dp=gpus, zero=zero, precision="fp16",
-                     zero_config={"stage3_param_persistence_threshold": 0})
+    m = model_states(
+        counts(cfg), dp=gpus, zero=zero, precision="fp16", zero_config={"stage3_param_persistence_threshold": 0}
+    )
     return m["params"] + m["grads"] + m["optimizer"] + m["buffers"]
 
 
@@ -63,8 +65,9 @@ def test_zero3_difference_is_the_parameter_shard():
 
     cfg = model_preset("ofa_huge")
     total, largest = _deepspeed_counts(cfg)
-    _, zero3, _ = estimate_zero3_model_states_mem_needs(total, largest, num_gpus_per_node=8, num_nodes=1,
-                                                        cpu_offload=False)
+    _, zero3, _ = estimate_zero3_model_states_mem_needs(
+        total, largest, num_gpus_per_node=8, num_nodes=1, cpu_offload=False
+    )
     buffers = counts(cfg).buffer_bytes
     assert _states(cfg, 8, 3) - buffers - zero3 == pytest.approx(2 * total / 8, rel=1e-6)
 
@@ -82,7 +85,7 @@ def test_tensor_and_pipeline_split_parameters():
 def test_plan_orders_fitting_layouts_first():
     layouts = plan(model_preset("ofa_huge"), Cluster(1, 8, 80), Batch(256))
     fitting = [lay for lay in layouts if lay.fits]
-    assert fitting and layouts[:len(fitting)] == fitting
+    assert fitting and layouts[: len(fitting)] == fitting
     times = [lay.step_time_s for lay in fitting]
     assert times == sorted(times)
     assert all(lay.memory_gib["total"] <= 80e9 / 2**30 for lay in fitting)
@@ -96,18 +99,45 @@ def test_bad_cluster_is_refused():
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "ofa_ds.cli", "plan", *args], capture_output=True, text=True,
-                          env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    return subprocess.run(
+        [sys.executable, "-m", "ofa_ds.cli", "plan", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DS_ACCELERATOR": "cpu"},
+    )
 
 
 def test_cli_json_schema():
-    out = _cli("ofa_tiny", "--nodes", "1", "--gpus-per-node", "8", "--gpu-memory-gb", "40", "--global-batch", "64",
-               "--json", "--top", "0")
+    out = _cli(
+        "ofa_tiny",
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "8",
+        "--gpu-memory-gb",
+        "40",
+        "--global-batch",
+        "64",
+        "--json",
+        "--top",
+        "0",
+    )
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     assert doc["preset"] == "ofa_tiny" and doc["parameters"] == counts(model_preset("ofa_tiny")).total
-    keys = {"tp", "pp", "dp", "zero_stage", "micro_batch", "activation_checkpointing", "offload", "memory_gib",
-            "step_time_s", "samples_per_s", "fits"}
+    keys = {
+        "tp",
+        "pp",
+        "dp",
+        "zero_stage",
+        "micro_batch",
+        "activation_checkpointing",
+        "offload",
+        "memory_gib",
+        "step_time_s",
+        "samples_per_s",
+        "fits",
+    }
     memory = {"params", "grads", "optimizer", "buffers", "activations", "total"}
     for lay in doc["layouts"]:
         assert keys <= set(lay) and memory <= set(lay["memory_gib"])

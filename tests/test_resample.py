@@ -3,6 +3,7 @@
 orders; the bilinear affine warp (affine.c) against `Image.transform(size, AFFINE, ..., BILINEAR, fillcolor=...)`
 over RandAugment's shears and rotations and random matrices; RandAugment's sharpness (sharpen.c) against
 `Image.blend(img.filter(SMOOTH), img, factor)`; the HWC -> CHW planes (planar.c) against numpy."""
+
 import io
 import math
 import platform
@@ -65,15 +66,18 @@ def test_plain_c_loop_equals_pillow():
 
 
 @needs_ext
-@pytest.mark.parametrize("src, size, box", [
-    ((477, 720), (384, 384), (147.3, 25.1, 573.4, 451.2)),  # the caption window of a landscape photo
-    ((720, 477), (384, 384), (25.1, 147.3, 451.2, 573.4)),  # portrait: Pillow >= 13 runs the vertical pass first
-    ((202, 277), (364, 100), (0, 0, 277, 202)),  # wider, much shorter: vertical first
-    ((202, 277), (200, 100), (0, 0, 277, 202)),  # both shrink alike: horizontal first
-    ((300, 200), (300, 200), (0, 0, 200, 300)),  # identity (a copy)
-    ((1, 1), (5, 3), (0, 0, 1, 1)),
-    ((40, 3000), (7, 2), (0, 0, 3000, 40)),  # 400x downscale: wide filters
-])
+@pytest.mark.parametrize(
+    "src, size, box",
+    [
+        ((477, 720), (384, 384), (147.3, 25.1, 573.4, 451.2)),  # the caption window of a landscape photo
+        ((720, 477), (384, 384), (25.1, 147.3, 451.2, 573.4)),  # portrait: Pillow >= 13 runs the vertical pass first
+        ((202, 277), (364, 100), (0, 0, 277, 202)),  # wider, much shorter: vertical first
+        ((202, 277), (200, 100), (0, 0, 277, 202)),  # both shrink alike: horizontal first
+        ((300, 200), (300, 200), (0, 0, 200, 300)),  # identity (a copy)
+        ((1, 1), (5, 3), (0, 0, 1, 1)),
+        ((40, 3000), (7, 2), (0, 0, 3000, 40)),  # 400x downscale: wide filters
+    ],
+)
 def test_bicubic_equals_pillow_at_edges(src, size, box):
     pixels = _image(np.random.default_rng(1), *src, smooth=False)
     expected = np.asarray(Image.fromarray(pixels).resize(size, Image.BICUBIC, box=box))
@@ -118,8 +122,9 @@ def test_warp_equals_pillow():
         inv = np.linalg.inv(np.vstack([m, [0, 0, 1]]))[:2]
         coeffs = tuple(inv.reshape(-1).tolist())
         img = Image.fromarray(pixels)
-        expected = np.asarray(img.transform((w, h), Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR,
-                                            fillcolor=transforms.FILL))
+        expected = np.asarray(
+            img.transform((w, h), Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR, fillcolor=transforms.FILL)
+        )
         rgbx = transforms._rgbx(img)
         assert rgbx is not None and rgbx.shape == (h, w, 4)
         for src in (pixels, rgbx):
@@ -186,8 +191,12 @@ def test_pillow_fallback_gives_the_same_examples(monkeypatch):
     def images():
         g = np.random.default_rng(3)
         captions = [transforms.caption_image(data, 96, g) for _ in range(48)]  # RandAugment: each op several times
-        return [*captions, transforms.grounding_image(data, (20, 30, 120, 90), 96, g)[0],
-                transforms.detection_image(data, [(20, 30, 120, 90)], 80, g)[0], transforms.infilling_image(data, 64)]
+        return [
+            *captions,
+            transforms.grounding_image(data, (20, 30, 120, 90), 96, g)[0],
+            transforms.detection_image(data, [(20, 30, 120, 90)], 80, g)[0],
+            transforms.infilling_image(data, 64),
+        ]
 
     fast = images()
     monkeypatch.setattr(transforms, "_pixel_ops", None)

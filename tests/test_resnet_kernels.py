@@ -5,6 +5,7 @@ against torch in float64, and cuda_ext's autograd Function run over that host bu
 CUDA): the extension against torch on OFA's layer shapes. Dispatch: the ResNet on CPU is the same with the
 kernel path selected, and asking for the extension where it is not built is a clear error.
 """
+
 import copy
 import ctypes
 import hashlib
@@ -20,9 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ofa_ds.kernels.resnet import build
-from ofa_ds.kernels.resnet import batch_norm_act, use_backend
-from ofa_ds.kernels.resnet import cuda_ext
+from ofa_ds.kernels.resnet import batch_norm_act, build, cuda_ext, use_backend
 from ofa_ds.model.resnet import ResNet
 
 CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # ofa_resnet::DType
@@ -31,6 +30,7 @@ CL = torch.channels_last
 
 
 # ---- host build of the shared math --------------------------------------------------------------------
+
 
 def _host_library() -> ctypes.CDLL:
     cxx = shutil.which("g++") or shutil.which("c++")
@@ -75,8 +75,9 @@ class HostOps:
     def welford_stats(self, x):
         C = x.shape[1]
         stats = torch.empty(3, C)
-        self.widths["stats"] = self.lib.ofa_welford_stats(CODE[x.dtype], _ptr(x), x.numel() // C, C, self.parts,
-                                                          self.block_rows, _ptr(stats))
+        self.widths["stats"] = self.lib.ofa_welford_stats(
+            CODE[x.dtype], _ptr(x), x.numel() // C, C, self.parts, self.block_rows, _ptr(stats)
+        )
         return stats
 
     def welford_combine(self, partials):
@@ -84,38 +85,83 @@ class HostOps:
         self.lib.ofa_welford_combine(_ptr(partials.contiguous()), partials.shape[0], partials.shape[2], _ptr(stats))
         return stats
 
-    def bn_act_forward(self, x, residual, stats, weight, bias, running_mean, running_var, training, momentum, eps,
-                       relu):
+    def bn_act_forward(
+        self, x, residual, stats, weight, bias, running_mean, running_var, training, momentum, eps, relu
+    ):
         C = x.shape[1]
         y = torch.empty_like(x, memory_format=CL)
         mean, invstd = torch.empty(C), torch.empty(C)
         self.widths["forward"] = self.lib.ofa_bn_act_forward(
-            CODE[x.dtype], _ptr(x), _ptr(residual), _ptr(y), x.numel() // C, C, _ptr(stats), _ptr(weight.float()),
-            _ptr(bias.float()), _ptr(running_mean), _ptr(running_var), _ptr(mean), _ptr(invstd), momentum, eps,
-            int(training), int(relu))
+            CODE[x.dtype],
+            _ptr(x),
+            _ptr(residual),
+            _ptr(y),
+            x.numel() // C,
+            C,
+            _ptr(stats),
+            _ptr(weight.float()),
+            _ptr(bias.float()),
+            _ptr(running_mean),
+            _ptr(running_var),
+            _ptr(mean),
+            _ptr(invstd),
+            momentum,
+            eps,
+            int(training),
+            int(relu),
+        )
         return y, mean, invstd
 
     def grad_sums(self, dy, x, y, mean, relu):
         C = x.shape[1]
         sums = torch.empty(2, C)
-        self.widths["grad_sums"] = self.lib.ofa_grad_sums(CODE[x.dtype], _ptr(dy), _ptr(x), _ptr(y), _ptr(mean),
-                                                          x.numel() // C, C, self.parts, self.block_rows, int(relu),
-                                                          _ptr(sums))
+        self.widths["grad_sums"] = self.lib.ofa_grad_sums(
+            CODE[x.dtype],
+            _ptr(dy),
+            _ptr(x),
+            _ptr(y),
+            _ptr(mean),
+            x.numel() // C,
+            C,
+            self.parts,
+            self.block_rows,
+            int(relu),
+            _ptr(sums),
+        )
         return sums
 
     def bn_act_backward(self, dy, x, y, mean, invstd, weight, sums, count, training, relu, dx, dres):
         C = x.shape[1]
         self.widths["backward"] = self.lib.ofa_bn_act_backward(
-            CODE[x.dtype], _ptr(dy), _ptr(x), _ptr(y), _ptr(dx), _ptr(dres), _ptr(mean), _ptr(invstd),
-            _ptr(weight.float()), _ptr(sums), _ptr(count), x.numel() // C, C, int(training), int(relu))
+            CODE[x.dtype],
+            _ptr(dy),
+            _ptr(x),
+            _ptr(y),
+            _ptr(dx),
+            _ptr(dres),
+            _ptr(mean),
+            _ptr(invstd),
+            _ptr(weight.float()),
+            _ptr(sums),
+            _ptr(count),
+            x.numel() // C,
+            C,
+            int(training),
+            int(relu),
+        )
 
 
 def test_host_ops_have_the_bindings_signatures():
     """cuda_ext is tested here over HostOps: they must take what the torch ops take, in the same order."""
     source = re.sub(r'"\s*\n\s*"', "", (build.ROOT / build.BINDING).read_text())  # join the schema literals
     schemas = re.findall(r'm\.def\("(\w+)\((.*?)\) ->', source)
-    assert {name for name, _ in schemas} == {"welford_stats", "welford_combine", "bn_act_forward", "grad_sums",
-                                             "bn_act_backward"}
+    assert {name for name, _ in schemas} == {
+        "welford_stats",
+        "welford_combine",
+        "bn_act_forward",
+        "grad_sums",
+        "bn_act_backward",
+    }
     for name, args in schemas:
         want = [a.split()[-1] for a in args.split(",")]
         assert list(inspect.signature(getattr(HostOps, name)).parameters)[1:] == want, name
@@ -161,8 +207,11 @@ def _reference(x, residual, dy, weight, bias, running_mean, running_var, *, trai
 # y and dx carry one round-to-nearest to the storage dtype, at most half an ulp (relative 2^-11 fp16,
 # 2^-8 bf16; truncating or rounding twice exceeds it), on top of fp32 arithmetic (atol); dweight/dbias and
 # the statistics are fp32.
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2**-11, atol=1e-4),
-       torch.bfloat16: dict(rtol=2**-8, atol=1e-4)}
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=2**-11, atol=1e-4),
+    torch.bfloat16: dict(rtol=2**-8, atol=1e-4),
+}
 FP32 = dict(rtol=1e-5, atol=1e-5)
 MODES = [("train", True, True), ("train", False, True), ("train", False, False), ("eval", True, True)]
 
@@ -181,8 +230,25 @@ def test_host_conversions_are_torchs_rounding(host, dtype):
     vals = torch.randn(20000, generator=g) * torch.logspace(-30, 30, 20000, base=2)
     grid = torch.arange(1, 3000, dtype=torch.float32)
     ties = torch.cat([(grid + 0.5) * 2.0**-10, (grid + 0.5) * 2.0**-7, (grid + 0.5) * 2.0**-24])
-    special = torch.tensor([0.0, -0.0, 65504.0, 65519.0, 65520.0, 1e30, -1e30, float("inf"), float("-inf"),
-                            float("nan"), 2.0**-25, 2.0**-26, 3 * 2.0**-26, 1e-40, -1e-40])
+    special = torch.tensor(
+        [
+            0.0,
+            -0.0,
+            65504.0,
+            65519.0,
+            65520.0,
+            1e30,
+            -1e30,
+            float("inf"),
+            float("-inf"),
+            float("nan"),
+            2.0**-25,
+            2.0**-26,
+            3 * 2.0**-26,
+            1e-40,
+            -1e-40,
+        ]
+    )
     vals = torch.cat([vals, ties, -ties, special])
     out = torch.empty(len(vals), dtype=dtype)
     lib.ofa_from_float(CODE[dtype], _ptr(vals), _ptr(out), len(vals))
@@ -200,7 +266,8 @@ def test_host_math_matches_torch(host_ops, dtype, C, mode, residual, relu):
     x, res, dy, weight, bias, rm, rv = _inputs(dtype, C)
     res = res if residual else None
     y_ref, (dx_ref, dw_ref, db_ref), dres_ref, rm_ref, rv_ref = _reference(
-        x, res, dy, weight, bias, rm, rv, training=training, relu=relu)
+        x, res, dy, weight, bias, rm, rv, training=training, relu=relu
+    )
 
     weight.requires_grad_(), bias.requires_grad_()
     xg = x.clone().requires_grad_()
@@ -241,10 +308,13 @@ def test_host_per_rank_statistics_combine_to_the_global_batch(host):
     whole = host.welford_stats(x)
     torch.testing.assert_close(combined, whole, rtol=1e-5, atol=1e-5)
     mean = whole[0].contiguous()
-    per_rank = [host.grad_sums(dy[s].contiguous(memory_format=CL), r, None, mean, False)
-                for s, r in ((slice(0, 1), ranks[0]), (slice(1, 5), ranks[1]))]
-    torch.testing.assert_close(per_rank[0] + per_rank[1], host.grad_sums(dy, x, None, mean, False), rtol=1e-5,
-                               atol=1e-4)
+    per_rank = [
+        host.grad_sums(dy[s].contiguous(memory_format=CL), r, None, mean, False)
+        for s, r in ((slice(0, 1), ranks[0]), (slice(1, 5), ranks[1]))
+    ]
+    torch.testing.assert_close(
+        per_rank[0] + per_rank[1], host.grad_sums(dy, x, None, mean, False), rtol=1e-5, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -291,6 +361,7 @@ def test_host_sync_mode_through_the_autograd_function(host_ops, one_rank_group):
 
 # ---- dispatch on machines without the extension -------------------------------------------------------
 
+
 def _train_step(model, x):
     out = model(x)
     out.float().square().sum().backward()
@@ -318,8 +389,10 @@ def test_resnet_kernel_path_equals_torch_path_on_cpu(bn_mode):
 @pytest.mark.skipif(cuda_ext.is_built(), reason="the extension is built here")
 def test_cuda_backend_without_the_extension_is_a_clear_error():
     x = torch.randn(2, 8, 4, 4)
-    with pytest.raises(cuda_ext.ExtensionNotBuilt, match="backend 'cuda' needs the csrc/resnet extension, which is "
-                                                         "not built .*backend='torch'"):
+    with pytest.raises(
+        cuda_ext.ExtensionNotBuilt,
+        match="backend 'cuda' needs the csrc/resnet extension, which is not built .*backend='torch'",
+    ):
         batch_norm_act(x, None, None, torch.zeros(8), torch.ones(8), training=True, backend="cuda")
     status = cuda_ext.extension_status()
     assert status["resnet_cuda"] == "not built" and status["detail"]
@@ -339,24 +412,38 @@ def test_bad_inputs_name_what_is_supported():
 
 # ---- GPU: the extension against torch ------------------------------------------------------------------
 
+
 def gpu(test):
     return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
 
 
 # OFA's BatchNorm layers at 384 px, batch 2: (C, H = W, residual, relu) for the stem, each stage's
 # conv1/conv2/conv3 (+ residual) and the downsample branch.
-OFA_LAYERS = [(64, 192, False, True), (64, 96, False, True), (256, 96, True, True), (256, 96, False, False),
-              (128, 96, False, True), (128, 48, False, True), (512, 48, True, True), (256, 48, False, True),
-              (256, 24, False, True), (1024, 24, True, True), (1024, 24, False, False)]
+OFA_LAYERS = [
+    (64, 192, False, True),
+    (64, 96, False, True),
+    (256, 96, True, True),
+    (256, 96, False, False),
+    (128, 96, False, True),
+    (128, 48, False, True),
+    (512, 48, True, True),
+    (256, 48, False, True),
+    (256, 24, False, True),
+    (1024, 24, True, True),
+    (1024, 24, False, False),
+]
 # Against torch in fp32 on the same inputs: y/dx/dres one rounding to the dtype (2 ulps allowed); the
 # statistics and parameter gradients are fp32 sums over up to 73,728 rows in a different order.
-GPU_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=2e-3, atol=2e-3),
-           torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
+GPU_TOL = {
+    torch.float32: dict(rtol=1e-4, atol=1e-4),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
+}
 GPU_SUMS = dict(rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("layer", OFA_LAYERS, ids=lambda l: f"C{l[0]}_H{l[1]}" + "_res" * l[2] + "_relu" * l[3])
+@pytest.mark.parametrize("layer", OFA_LAYERS, ids=lambda x: f"C{x[0]}_H{x[1]}" + "_res" * x[2] + "_relu" * x[3])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @gpu
 def test_gpu_kernels_match_torch(dtype, layer, training):
@@ -393,8 +480,9 @@ def test_gpu_layout_dtype_and_param_dtype_handling():
     rm, rv = torch.zeros(64, device="cuda"), torch.ones(64, device="cuda")
     # NCHW input is converted (one copy): same result as channels_last.
     y_nchw = batch_norm_act(x, None, None, rm.clone(), rv.clone(), training=True, backend="cuda")
-    y_cl = batch_norm_act(x.contiguous(memory_format=CL), None, None, rm.clone(), rv.clone(), training=True,
-                          backend="cuda")
+    y_cl = batch_norm_act(
+        x.contiguous(memory_format=CL), None, None, rm.clone(), rv.clone(), training=True, backend="cuda"
+    )
     assert torch.equal(y_nchw, y_cl) and y_nchw.is_contiguous(memory_format=CL)
     # The ops themselves reject what the wrapper would convert, naming what they need.
     ops = torch.ops.ofa_resnet

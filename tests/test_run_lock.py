@@ -1,4 +1,5 @@
 """One writer per run directory (ofa_ds/train/run_lock.py)."""
+
 import json
 import os
 import socket
@@ -17,8 +18,14 @@ def test_a_second_run_on_the_same_out_dir_is_refused_naming_the_first(tmp_path, 
     run = H.write_run(tmp_path, data)
     held = run_lock.acquire(tmp_path / "run")  # the first run, alive
     try:
-        done = subprocess.run([sys.executable, "-m", "ofa_ds.cli", "pretrain", str(run)], env=H.env(), cwd=H.ROOT,
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-m", "ofa_ds.cli", "pretrain", str(run)],
+            env=H.env(),
+            cwd=H.ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
         assert f"is in use by another run (host {socket.gethostname()}, PID {os.getpid()}, started " in done.stderr
         assert not (tmp_path / "run" / "checkpoints").exists()  # refused before it wrote anything

@@ -1,5 +1,6 @@
 """A checkpoint file never runs code: a pickle payload in any position of a checkpoint directory is refused, naming
 the file, by `ofa-ds export`, `ofa-ds to-universal`, `ofa-ds pretrain --resume` and DeepSpeed's checkpoint engine."""
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,14 @@ def poison(path, marker) -> None:
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "ofa_ds.cli", *args], env=H.env(), cwd=H.ROOT, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "ofa_ds.cli", *args],
+        env=H.env(),
+        cwd=H.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _copy(src, tmp_path):
@@ -41,8 +48,11 @@ def _copy(src, tmp_path):
     return dst
 
 
-POSITIONS = ["zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
-             "rng_rank00001.pt"]
+POSITIONS = [
+    "zero_pp_rank_0_mp_rank_00_model_states.pt",
+    "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    "rng_rank00001.pt",
+]
 
 
 @pytest.mark.slow
@@ -53,8 +63,11 @@ def test_a_poisoned_file_is_refused_and_never_run(name, tmp_path, tmp_path_facto
     tag = _copy(ref / "run" / "checkpoints" / "step_00000004", tmp_path)
     marker = tmp_path / "ran"
     poison(tag / name, marker)
-    for args in (["export", str(tag), str(tmp_path / "out.safetensors")], ["to-universal", str(tag)],
-                 ["pretrain", str(ref / "run.yaml"), "--resume", str(tag), "--out-dir", str(tmp_path / "resumed")]):
+    for args in (
+        ["export", str(tag), str(tmp_path / "out.safetensors")],
+        ["to-universal", str(tag)],
+        ["pretrain", str(ref / "run.yaml"), "--resume", str(tag), "--out-dir", str(tmp_path / "resumed")],
+    ):
         done = _cli(*args)
         assert done.returncode != 0, (args, done.stdout[-2000:])
         assert f"{tag / name}: refused" in done.stderr and "Traceback" not in done.stderr, (args, done.stderr[-3000:])

@@ -1,4 +1,5 @@
 """The synthetic corpus: OFA's layout, deterministic, and its boxes and codes describe its images."""
+
 import argparse
 import base64
 import io
@@ -9,8 +10,12 @@ from PIL import Image
 from ofa_ds.data import sample_corpus
 from ofa_ds.data.sample_corpus import COLORS, SHAPES, SampleConfig, _codes, write_sample_corpus
 
-FILES = {"vision_language_examples.tsv": 8, "text_examples.tsv": 2, "image_examples.tsv": 3,
-         "detection_examples.tsv": 3}
+FILES = {
+    "vision_language_examples.tsv": 8,
+    "text_examples.tsv": 2,
+    "image_examples.tsv": 3,
+    "detection_examples.tsv": 3,
+}
 
 
 def rows(src, name):
@@ -30,8 +35,12 @@ def test_cli_writes_default_counts_in_ofa_layout(tmp_path):
     sample_corpus.add_arguments(parser)
     assert sample_corpus.run(parser.parse_args([str(tmp_path)])) == 0
     counts = {name: len(rows(tmp_path, name)) for name in FILES}
-    assert counts == {"vision_language_examples.tsv": 64, "text_examples.tsv": 32, "image_examples.tsv": 16,
-                      "detection_examples.tsv": 16}
+    assert counts == {
+        "vision_language_examples.tsv": 64,
+        "text_examples.tsv": 32,
+        "image_examples.tsv": 16,
+        "detection_examples.tsv": 16,
+    }
     for name, ncols in FILES.items():
         assert {len(r) for r in rows(tmp_path, name)} == {ncols}
     vl = rows(tmp_path, "vision_language_examples.tsv")
@@ -45,8 +54,7 @@ def test_cli_writes_default_counts_in_ofa_layout(tmp_path):
 
 def test_deterministic_by_seed(tmp_path):
     def files(seed, name):
-        out = write_sample_corpus(SampleConfig(str(tmp_path / name), 12, 4, 2, 3, min_size=32, max_size=64,
-                                               seed=seed))
+        out = write_sample_corpus(SampleConfig(str(tmp_path / name), 12, 4, 2, 3, min_size=32, max_size=64, seed=seed))
         return {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
     assert files(0, "a") == files(0, "b")
@@ -91,8 +99,7 @@ def test_boxes_are_on_the_named_objects(tmp_path):
 
 
 def test_large_corpora_reuse_encoded_scenes(tmp_path):
-    src = write_sample_corpus(SampleConfig(str(tmp_path), 600, 50, 0, 40, min_size=48, max_size=64,
-                                           distinct_images=5))
+    src = write_sample_corpus(SampleConfig(str(tmp_path), 600, 50, 0, 40, min_size=48, max_size=64, distinct_images=5))
     vl = rows(src, "vision_language_examples.tsv")
     assert len(vl) == 600 and len({r[1] for r in vl}) == 5
     assert len({tuple(r[2:5]) for r in vl}) > 20  # texts still vary

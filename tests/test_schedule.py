@@ -25,7 +25,9 @@ def test_no_warmup_starts_at_peak():
 
 
 def test_set_lr_sets_every_parameter_group():
-    opt = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(1))]},
-                             {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 3.0}], lr=1e-4)
+    opt = torch.optim.AdamW(
+        [{"params": [torch.nn.Parameter(torch.zeros(1))]}, {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 3.0}],
+        lr=1e-4,
+    )
     set_lr(opt, lr_at(7, **KW))
     assert [g["lr"] for g in opt.param_groups] == [lr_at(7, **KW)] * 2 == [pytest.approx(7e-5)] * 2

@@ -1,4 +1,5 @@
 """Corpus reader: O(1) rows equal to the shards' content, errors at open naming the file, lazy data access."""
+
 import ctypes
 import json
 import mmap
@@ -21,8 +22,11 @@ from ofa_ds.data.tsv2arrow import ConvertConfig, convert
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("shards")
-    src = write_sample_corpus(SampleConfig(str(tmp / "tsv"), vl_rows=50, text_rows=20, image_rows=6,
-                                           detection_rows=6, min_size=32, max_size=48))
+    src = write_sample_corpus(
+        SampleConfig(
+            str(tmp / "tsv"), vl_rows=50, text_rows=20, image_rows=6, detection_rows=6, min_size=32, max_size=48
+        )
+    )
     convert(ConvertConfig(str(src), str(tmp / "arrow"), rows_per_shard=7, batch_rows=3, workers=2))
     return tmp / "arrow"
 
@@ -177,8 +181,7 @@ def test_open_touches_footers_only(tmp_path):
     (tmp_path / "tsv").mkdir()
     text = random.Random(0).choices("abcdefgh ", k=100_000)
     (tmp_path / "tsv" / "text_examples.tsv").write_text("".join(f"t{i}\t{''.join(text)}\n" for i in range(160)))
-    convert(ConvertConfig(str(tmp_path / "tsv"), str(tmp_path / "arrow"), rows_per_shard=80, batch_rows=8,
-                          workers=1))
+    convert(ConvertConfig(str(tmp_path / "tsv"), str(tmp_path / "arrow"), rows_per_shard=80, batch_rows=8, workers=1))
     shards = sorted((tmp_path / "arrow" / "text").glob("*.arrow"))
     for path in shards:  # drop the shards from the page cache
         fd = os.open(path, os.O_RDONLY)

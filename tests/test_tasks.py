@@ -50,7 +50,7 @@ def test_caption_and_itm(tok):
         assert itm.target == [label, EOS] and itm.prev_output == [BOS, label]
         shown = tok.decode(itm.source[1:-1])
         assert shown.startswith(' does the image describe " ') and shown.endswith(' "?')
-        x = shown[len(' does the image describe " '):-len(' "?')]
+        x = shown[len(' does the image describe " ') : -len(' "?')]
         if label == YES:
             assert x == pre_caption(caption, 80)
         else:
@@ -91,7 +91,7 @@ def test_vqa_and_qa_itm(tok):
         assert vqa.target == tok.encode(" 2") + [EOS]
         assert vqa.weight == itm.weight == 1.0
         shown = tok.decode(itm.source[1:-1])
-        a = shown[len(' what is the answer to question " how many dogs? ". is " '):-len(' "?')]
+        a = shown[len(' what is the answer to question " how many dogs? ". is " ') : -len(' "?')]
         if itm.target[0] == YES:
             assert a == "2"
         else:  # count +- 1, another 'how many' answer, or an 'other' answer
@@ -168,13 +168,16 @@ def test_image_infilling(tok):
 
 def test_detection(tok):
     b = builder(tok)
-    boxes = [{"x0": 100.0, "y0": 80.0, "x1": 300.0, "y1": 260.0, "category_id": "3", "label": "Red Box, big"},
-             {"x0": -60.0, "y0": -60.0, "x1": -10.0, "y1": -10.0, "category_id": "4", "label": "gone"}]
+    boxes = [
+        {"x0": 100.0, "y0": 80.0, "x1": 300.0, "y1": 260.0, "category_id": "3", "label": "Red Box, big"},
+        {"x0": -60.0, "y0": -60.0, "x1": -10.0, "y1": -10.0, "category_id": "4", "label": "gone"},
+    ]
     row = {"image_id": "d", "image": encode_image(400, 300, box=(100, 80, 300, 260)), "boxes": boxes}
     for seed in range(6):
         ex = b.detection(row, rng(seed))
-        image, kept, keep = transforms.detection_image(row["image"], [[o["x0"], o["y0"], o["x1"], o["y1"]]
-                                                                     for o in boxes], 256, rng(seed))
+        image, kept, keep = transforms.detection_image(
+            row["image"], [[o["x0"], o["y0"], o["x1"], o["y1"]] for o in boxes], 256, rng(seed)
+        )
         assert keep.tolist() == [0]  # the box outside the image is dropped
         bins = [58457 + k for k in transforms.quantize(kept[0], 512, 1000)]
         assert ex.source == [BOS, 99, 32, 5, 8720, 11, 5, 2274, 116, EOS]

@@ -1,6 +1,7 @@
 """Tensor parallelism (TP=2 on two gloo ranks) computes what the plain model computes: logits, per-token nll and every
 parameter's gradient within 1e-5 relative, on a batch with images (one patch-masked), a pure-text stream and an
 image-code target; and the split/unsplit plan (shard/unshard) round-trips every parameter."""
+
 import os
 
 import pytest
@@ -13,8 +14,20 @@ from ofa_ds.model.ofa import OFAModel
 from ofa_ds.parallel import tensor as tp
 from ofa_ds.train.loss import token_nll
 
-CFG = dict(embed_dim=64, ffn_dim=128, heads=4, encoder_layers=2, decoder_layers=2, resnet="resnet18", vocab_size=300,
-           dropout=0.0, encoder_drop_path=0.0, decoder_drop_path=0.0, bn_mode="batch", attn_backend="sdpa")
+CFG = dict(
+    embed_dim=64,
+    ffn_dim=128,
+    heads=4,
+    encoder_layers=2,
+    decoder_layers=2,
+    resnet="resnet18",
+    vocab_size=300,
+    dropout=0.0,
+    encoder_drop_path=0.0,
+    decoder_drop_path=0.0,
+    bn_mode="batch",
+    attn_backend="sdpa",
+)
 
 
 def tiny() -> ModelConfig:
@@ -23,17 +36,28 @@ def tiny() -> ModelConfig:
 
 def batches(cfg: ModelConfig) -> list[dict]:
     g = torch.Generator().manual_seed(1)
+
     def tokens(*shape):
         return torch.randint(4, cfg.vocab_size, shape, generator=g)
 
     target = tokens(3, 6)
     target[0, 4:] = cfg.pad_id
     # one image patch-masked out, the third example's target an image-code sequence
-    image = {"src_tokens": tokens(3, 5), "patch_images": torch.randn(3, 3, 32, 32, generator=g),
-             "patch_masks": torch.tensor([True, False, True]), "prev_output_tokens": tokens(3, 6),
-             "code_masks": torch.tensor([False, False, True]), "target": target, "weights": torch.tensor([1.0, 0.5, 1.0])}
-    text = {"src_tokens": tokens(2, 7), "prev_output_tokens": tokens(2, 4), "target": tokens(2, 4),
-            "weights": torch.ones(2)}
+    image = {
+        "src_tokens": tokens(3, 5),
+        "patch_images": torch.randn(3, 3, 32, 32, generator=g),
+        "patch_masks": torch.tensor([True, False, True]),
+        "prev_output_tokens": tokens(3, 6),
+        "code_masks": torch.tensor([False, False, True]),
+        "target": target,
+        "weights": torch.tensor([1.0, 0.5, 1.0]),
+    }
+    text = {
+        "src_tokens": tokens(2, 7),
+        "prev_output_tokens": tokens(2, 4),
+        "target": tokens(2, 4),
+        "weights": torch.ones(2),
+    }
     text["src_tokens"][1, 5:] = cfg.pad_id
     return [image, text]
 
@@ -83,7 +107,7 @@ def _worker(rank: int, world: int, port: int, out: str, sequence_parallel: bool)
         loss.backward()
         # every rank's vocabulary share, padding included: (V_padded, T, B)
         logits = tp.unshard(tp.VOCAB, [x.movedim(-1, 0) for x in _gather(logits.detach())], 10**9)
-        got = {"logits": logits[:cfg.vocab_size], "nll": nll.detach()}
+        got = {"logits": logits[: cfg.vocab_size], "nll": nll.detach()}
         want = {"logits": ref_logits.detach().movedim(-1, 0), "nll": ref_nll.detach()}
         grads = dict(full.named_parameters())
         for name, p in model.named_parameters():  # (the text stream leaves the ResNet's gradients None)
@@ -91,7 +115,10 @@ def _worker(rank: int, world: int, port: int, out: str, sequence_parallel: bool)
             want[name] = _grad(grads[name])
         worst[i] = {k: (float((got[k] - want[k]).abs().max()), float(want[k].abs().max())) for k in want}
         worst[i]["lengths"] = lengths["encoder"], lengths["decoder"]
-        worst[i]["padding_not_minimal"] = (float((logits[cfg.vocab_size:] != torch.finfo(logits.dtype).min).sum()), 1.0)
+        worst[i]["padding_not_minimal"] = (
+            float((logits[cfg.vocab_size :] != torch.finfo(logits.dtype).min).sum()),
+            1.0,
+        )
     if rank == 0:
         torch.save(worst, out)
     dist.destroy_process_group()
@@ -134,13 +161,16 @@ def test_shard_unshard_round_trip():
     assert tp.padded_vocab(59457, 8) == 59392 + 1024
 
 
-@pytest.mark.parametrize("layout, message", [
-    (dict(tensor=3), "parallel.tensor=3 does not divide model heads=4"),
-    (dict(tensor=4, pipeline=1), "world size 2 is not a multiple of parallel.tensor=4"),
-    (dict(pipeline=5), "parallel.pipeline=5 stages for 2+2 transformer layers"),
-    (dict(pipeline=2, zero=3), "ZeRO stage 3"),
-    (dict(tensor=3, sequence_parallel=True, world=3, model="ofa_base"), "the sequence split must divide"),
-])
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        (dict(tensor=3), "parallel.tensor=3 does not divide model heads=4"),
+        (dict(tensor=4, pipeline=1), "world size 2 is not a multiple of parallel.tensor=4"),
+        (dict(pipeline=5), "parallel.pipeline=5 stages for 2+2 transformer layers"),
+        (dict(pipeline=2, zero=3), "ZeRO stage 3"),
+        (dict(tensor=3, sequence_parallel=True, world=3, model="ofa_base"), "the sequence split must divide"),
+    ],
+)
 def test_bad_layouts_are_named(layout, message):
     zero, world = layout.pop("zero", 1), layout.pop("world", 2)
     model = model_preset(layout.pop("model")) if "model" in layout else tiny()

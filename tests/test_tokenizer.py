@@ -56,8 +56,17 @@ def test_ofa_bpe_word_starts(bpe):
     assert not bpe.is_word_start(bpe.mask)
 
 
-@pytest.mark.parametrize("text", [" a man riding a horse.", "  two  spaces\tand\nlines ", " héllo wörld 😀 ünïcode",
-                                  "no leading space", " 1234 + 5 = 1239", ""])
+@pytest.mark.parametrize(
+    "text",
+    [
+        " a man riding a horse.",
+        "  two  spaces\tand\nlines ",
+        " héllo wörld 😀 ünïcode",
+        "no leading space",
+        " 1234 + 5 = 1239",
+        "",
+    ],
+)
 def test_round_trips(bpe, text, sp_tokenizer):
     assert bpe.decode(bpe.encode(text)) == text
     assert sp_tokenizer.decode(sp_tokenizer.encode(text)) == text
@@ -75,8 +84,14 @@ def test_save_load_and_vocab_check(bpe, tmp_path):
         load_tokenizer(tmp_path)
 
 
-TEXTS = [" ".join(random.Random(i).choice("a red blue circle square above below the there is one two shape picture"
-                                          .split()) for _ in range(3 + i % 9)) + "." for i in range(400)]
+TEXTS = [
+    " ".join(
+        random.Random(i).choice("a red blue circle square above below the there is one two shape picture".split())
+        for _ in range(3 + i % 9)
+    )
+    + "."
+    for i in range(400)
+]
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +129,27 @@ def test_sentencepiece_vocab_too_large_is_clear(tmp_path):
 def _messy_text(seed: int, words: int) -> str:
     """Words, numbers, punctuation, contractions, non-ASCII and runs of spaces, tabs and newlines."""
     rng = random.Random(seed)
-    vocab = ["the", "shape", "Circle", "1984", "3.5", "don't", "it's", "naïve", "東京", "x2", "--", "(a)", "e.g.",
-             "well,", "'quoted'", "ö", "#tag", "π", "end."]
+    vocab = [
+        "the",
+        "shape",
+        "Circle",
+        "1984",
+        "3.5",
+        "don't",
+        "it's",
+        "naïve",
+        "東京",
+        "x2",
+        "--",
+        "(a)",
+        "e.g.",
+        "well,",
+        "'quoted'",
+        "ö",
+        "#tag",
+        "π",
+        "end.",
+    ]
     seps = [" "] * 12 + ["  ", "\n", "\t", " \n ", "   ", ""]
     return "".join(rng.choice(vocab) + rng.choice(seps) for _ in range(words))
 

@@ -1,4 +1,5 @@
 """OFA TSVs -> Arrow shards: exact round trip, quarantine of every kind of bad line, resumption."""
+
 import argparse
 import base64
 import io
@@ -49,6 +50,7 @@ def all_rows(corpus: Corpus) -> dict:
 
 def reference_rows(src: Path) -> dict:
     """The sample corpus read by the letter of OFA_SPEC 5.1 (all its lines are well formed)."""
+
     def tsv(name):
         return [line.rstrip("\n").split("\t") for line in open(src / name, encoding="utf-8")]
 
@@ -58,22 +60,40 @@ def reference_rows(src: Path) -> dict:
     vl = []
     for uid, img, cap, q, refs, gt, ds, task in tsv("vision_language_examples.tsv"):
         pairs = [x.split("|!+") for x in refs.split("&&")] if task == "qa" else []
-        vl.append({"uniq_id": uid, "image": image(img), "caption": cap, "question": q,
-                   "answers": [{"answer": a, "conf": float(c)} for c, a in pairs],
-                   "box": [float(v) for v in refs.split(",")] if task == "visual_grounding" else None,
-                   "gt_objects": gt.split("&&") if gt else [], "dataset_name": ds, "task_type": task})
+        vl.append(
+            {
+                "uniq_id": uid,
+                "image": image(img),
+                "caption": cap,
+                "question": q,
+                "answers": [{"answer": a, "conf": float(c)} for c, a in pairs],
+                "box": [float(v) for v in refs.split(",")] if task == "visual_grounding" else None,
+                "gt_objects": gt.split("&&") if gt else [],
+                "dataset_name": ds,
+                "task_type": task,
+            }
+        )
     det = []
     for iid, img, boxes in tsv("detection_examples.tsv"):
         parsed = [b.split(",", 5) for b in boxes.split("&&")]
-        det.append({"image_id": iid, "image": image(img), "boxes": [
-            {"x0": float(a), "y0": float(b), "x1": float(c), "y1": float(d), "category_id": e, "label": f}
-            for a, b, c, d, e, f in parsed]})
+        det.append(
+            {
+                "image_id": iid,
+                "image": image(img),
+                "boxes": [
+                    {"x0": float(a), "y0": float(b), "x1": float(c), "y1": float(d), "category_id": e, "label": f}
+                    for a, b, c, d, e, f in parsed
+                ],
+            }
+        )
     neg = src / "negative_sample"
     return {
         "vl": vl,
         "text": [{"uniq_id": u, "text": t} for u, t in tsv("text_examples.tsv")],
-        "image": [{"image_id": i, "image": image(im), "codes": [int(c) for c in codes.split()]}
-                  for i, im, codes in tsv("image_examples.tsv")],
+        "image": [
+            {"image_id": i, "image": image(im), "codes": [int(c) for c in codes.split()]}
+            for i, im, codes in tsv("image_examples.tsv")
+        ],
         "detection": det,
         "captions": [{"caption": x.strip()} for x in open(neg / "all_captions.txt") if x.strip()],
         "objects": [{"object": x.strip()} for x in open(neg / "object.txt") if x.strip()],
@@ -82,10 +102,14 @@ def reference_rows(src: Path) -> dict:
 
 
 def test_round_trip_of_every_row(tmp_path):
-    src = write_sample_corpus(SampleConfig(str(tmp_path / "tsv"), vl_rows=30, text_rows=7, image_rows=5,
-                                           detection_rows=6, min_size=40, max_size=64))
-    m = convert(ConvertConfig(str(src), str(tmp_path / "arrow"), rows_per_shard=8, batch_rows=3,
-                              workers=2, chunk_bytes=5000))
+    src = write_sample_corpus(
+        SampleConfig(
+            str(tmp_path / "tsv"), vl_rows=30, text_rows=7, image_rows=5, detection_rows=6, min_size=40, max_size=64
+        )
+    )
+    m = convert(
+        ConvertConfig(str(src), str(tmp_path / "arrow"), rows_per_shard=8, batch_rows=3, workers=2, chunk_bytes=5000)
+    )
     expected = reference_rows(src)
     assert all_rows(Corpus(tmp_path / "arrow")) == expected
     assert {s: v["rows"] for s, v in m["sources"].items()} == {s: len(v) for s, v in expected.items()}
@@ -132,19 +156,25 @@ def defect_corpus(src: Path):
     ]
     write_tsv(src / "vision_language_examples.tsv", vl_lines)
     img256 = b64(encoded(256, 256, "PNG"))
-    write_tsv(src / "image_examples.tsv", [
-        ["i1", img256, CODES],
-        ["i2", img256, " ".join(["5"] * 255)],  # 2 codes
-        ["i3", img256, CODES.replace("8191", "8192", 1)],  # 3 codes
-        ["i4", img256, CODES.replace("0", "x", 1)],  # 4 codes
-        ["i5", b64(encoded(128, 128)), CODES],  # 5 image_size
-    ])
-    write_tsv(src / "detection_examples.tsv", [
-        ["d1", b64(SMALL), "1,2,10,12,/m/01,person&& 0,0,5.5,6,7,hot dog, with mustard "],
-        ["d2", b64(SMALL), "1,2,10"],  # 2 box
-        ["d3", b64(SMALL), "1,2,a,12,3,x"],  # 3 box
-        ["d4", b64(SMALL), "1,2,10,12,/m/01,person&&0,30,8,40,7,below the image"],  # 4 box
-    ])
+    write_tsv(
+        src / "image_examples.tsv",
+        [
+            ["i1", img256, CODES],
+            ["i2", img256, " ".join(["5"] * 255)],  # 2 codes
+            ["i3", img256, CODES.replace("8191", "8192", 1)],  # 3 codes
+            ["i4", img256, CODES.replace("0", "x", 1)],  # 4 codes
+            ["i5", b64(encoded(128, 128)), CODES],  # 5 image_size
+        ],
+    )
+    write_tsv(
+        src / "detection_examples.tsv",
+        [
+            ["d1", b64(SMALL), "1,2,10,12,/m/01,person&& 0,0,5.5,6,7,hot dog, with mustard "],
+            ["d2", b64(SMALL), "1,2,10"],  # 2 box
+            ["d3", b64(SMALL), "1,2,a,12,3,x"],  # 3 box
+            ["d4", b64(SMALL), "1,2,10,12,/m/01,person&&0,30,8,40,7,below the image"],  # 4 box
+        ],
+    )
     write_tsv(src / "text_examples.tsv", [["t1", "text with | and && and |!+"], ["t2", "a", "b"]])
     (src / "negative_sample" / "all_captions.txt").write_text("first\n\n  second  \n")
     (src / "negative_sample" / "object.txt").write_text("cat\ndog\n")
@@ -152,42 +182,125 @@ def defect_corpus(src: Path):
     vl_img = base64.urlsafe_b64decode(b64(SMALL))
     good = {
         "vl": [
-            {"uniq_id": "c1", "image": vl_img, "caption": "a red thing", "question": "", "answers": [], "box": None,
-             "gt_objects": ["thing", "red"], "dataset_name": "coco", "task_type": "caption"},
-            {"uniq_id": "q1", "image": vl_img, "caption": "cap", "question": "what colour?",
-             "answers": [{"answer": "red", "conf": 0.6}, {"answer": "crimson", "conf": 1.0},
-                         {"answer": "red", "conf": 0.6}],
-             "box": None, "gt_objects": [], "dataset_name": "vqa", "task_type": "qa"},
-            {"uniq_id": "g1", "image": vl_img, "caption": "the red thing", "question": "", "answers": [],
-             "box": [1.5, 2.0, 30.25, 20.0], "gt_objects": ["thing"], "dataset_name": "refcoco",
-             "task_type": "visual_grounding"},
-            {"uniq_id": "c9", "image": encoded(20, 20, "PNG"), "caption": "crlf line", "question": "", "answers": [],
-             "box": None, "gt_objects": [], "dataset_name": "", "task_type": "caption"},
-            {"uniq_id": "c1", "image": vl_img, "caption": "the same id again", "question": "", "answers": [],
-             "box": None, "gt_objects": [], "dataset_name": "coco", "task_type": "caption"},
-            {"uniq_id": "c10", "image": vl_img, "caption": "x" * 16384, "question": "", "answers": [],
-             "box": None, "gt_objects": [], "dataset_name": "coco", "task_type": "caption"},
+            {
+                "uniq_id": "c1",
+                "image": vl_img,
+                "caption": "a red thing",
+                "question": "",
+                "answers": [],
+                "box": None,
+                "gt_objects": ["thing", "red"],
+                "dataset_name": "coco",
+                "task_type": "caption",
+            },
+            {
+                "uniq_id": "q1",
+                "image": vl_img,
+                "caption": "cap",
+                "question": "what colour?",
+                "answers": [
+                    {"answer": "red", "conf": 0.6},
+                    {"answer": "crimson", "conf": 1.0},
+                    {"answer": "red", "conf": 0.6},
+                ],
+                "box": None,
+                "gt_objects": [],
+                "dataset_name": "vqa",
+                "task_type": "qa",
+            },
+            {
+                "uniq_id": "g1",
+                "image": vl_img,
+                "caption": "the red thing",
+                "question": "",
+                "answers": [],
+                "box": [1.5, 2.0, 30.25, 20.0],
+                "gt_objects": ["thing"],
+                "dataset_name": "refcoco",
+                "task_type": "visual_grounding",
+            },
+            {
+                "uniq_id": "c9",
+                "image": encoded(20, 20, "PNG"),
+                "caption": "crlf line",
+                "question": "",
+                "answers": [],
+                "box": None,
+                "gt_objects": [],
+                "dataset_name": "",
+                "task_type": "caption",
+            },
+            {
+                "uniq_id": "c1",
+                "image": vl_img,
+                "caption": "the same id again",
+                "question": "",
+                "answers": [],
+                "box": None,
+                "gt_objects": [],
+                "dataset_name": "coco",
+                "task_type": "caption",
+            },
+            {
+                "uniq_id": "c10",
+                "image": vl_img,
+                "caption": "x" * 16384,
+                "question": "",
+                "answers": [],
+                "box": None,
+                "gt_objects": [],
+                "dataset_name": "coco",
+                "task_type": "caption",
+            },
         ],
         "text": [{"uniq_id": "t1", "text": "text with | and && and |!+"}],
         "image": [{"image_id": "i1", "image": encoded(256, 256, "PNG"), "codes": [0, 8191] * 128}],
-        "detection": [{"image_id": "d1", "image": vl_img, "boxes": [
-            {"x0": 1.0, "y0": 2.0, "x1": 10.0, "y1": 12.0, "category_id": "/m/01", "label": "person"},
-            {"x0": 0.0, "y0": 0.0, "x1": 5.5, "y1": 6.0, "category_id": "7", "label": "hot dog, with mustard"}]}],
+        "detection": [
+            {
+                "image_id": "d1",
+                "image": vl_img,
+                "boxes": [
+                    {"x0": 1.0, "y0": 2.0, "x1": 10.0, "y1": 12.0, "category_id": "/m/01", "label": "person"},
+                    {"x0": 0.0, "y0": 0.0, "x1": 5.5, "y1": 6.0, "category_id": "7", "label": "hot dog, with mustard"},
+                ],
+            }
+        ],
         "captions": [{"caption": "first"}, {"caption": "second"}],
         "objects": [{"object": "cat"}, {"object": "dog"}],
-        "type2ans": [{"answer_type": "how many", "answers": ["1", "2"]},
-                     {"answer_type": "other", "answers": ["a", "b"]}],
+        "type2ans": [
+            {"answer_type": "how many", "answers": ["1", "2"]},
+            {"answer_type": "other", "answers": ["a", "b"]},
+        ],
     }
-    vl, im, det, txt = ("vision_language_examples.tsv", "image_examples.tsv", "detection_examples.tsv",
-                        "text_examples.tsv")
+    vl, im, det, txt = (
+        "vision_language_examples.tsv",
+        "image_examples.tsv",
+        "detection_examples.tsv",
+        "text_examples.tsv",
+    )
     rejected = [
-        (vl, 2, "column_count"), (vl, 3, "utf8"), (vl, 5, "base64"), (vl, 6, "image_undecodable"),
-        (vl, 7, "image_undecodable"), (vl, 8, "image_too_large"), (vl, 10, "box"), (vl, 11, "box"),
-        (vl, 12, "confidence"), (vl, 13, "confidence"), (vl, 14, "confidence"), (vl, 15, "task_type"),
-        (vl, 17, "confidence"), (vl, 18, "box"),
+        (vl, 2, "column_count"),
+        (vl, 3, "utf8"),
+        (vl, 5, "base64"),
+        (vl, 6, "image_undecodable"),
+        (vl, 7, "image_undecodable"),
+        (vl, 8, "image_too_large"),
+        (vl, 10, "box"),
+        (vl, 11, "box"),
+        (vl, 12, "confidence"),
+        (vl, 13, "confidence"),
+        (vl, 14, "confidence"),
+        (vl, 15, "task_type"),
+        (vl, 17, "confidence"),
+        (vl, 18, "box"),
         (txt, 2, "column_count"),
-        (im, 2, "codes"), (im, 3, "codes"), (im, 4, "codes"), (im, 5, "image_size"),
-        (det, 2, "box"), (det, 3, "box"), (det, 4, "box"),
+        (im, 2, "codes"),
+        (im, 3, "codes"),
+        (im, 4, "codes"),
+        (im, 5, "image_size"),
+        (det, 2, "box"),
+        (det, 3, "box"),
+        (det, 4, "box"),
     ]
     return good, rejected
 
@@ -206,9 +319,21 @@ def test_quarantine_holds_each_bad_line_and_every_good_row_is_kept(tmp_path, cap
     assert "lies entirely outside its 32x24 image" in lines[-1]["detail"]
     assert "-5" in lines[12]["detail"] and ">= 0" in lines[12]["detail"]
     m = json.loads((tmp_path / "arrow" / MANIFEST).read_text())
-    assert m["rejected"] == {"rows": 22, "by_reason": {"base64": 1, "box": 6, "codes": 3, "column_count": 2,
-                                                      "confidence": 4, "image_size": 1, "image_too_large": 1,
-                                                      "image_undecodable": 2, "task_type": 1, "utf8": 1}}
+    assert m["rejected"] == {
+        "rows": 22,
+        "by_reason": {
+            "base64": 1,
+            "box": 6,
+            "codes": 3,
+            "column_count": 2,
+            "confidence": 4,
+            "image_size": 1,
+            "image_too_large": 1,
+            "image_undecodable": 2,
+            "task_type": 1,
+            "utf8": 1,
+        },
+    }
     assert m["duplicate_ids"] == {"vl": 1, "text": 0, "image": 0, "detection": 0}
     assert m["oversized_text"] == {"vl": 1, "text": 0}
     out = capsys.readouterr().out
@@ -236,8 +361,9 @@ def test_bad_type2ans_and_existing_manifest_are_clear_errors(tmp_path):
 
 def mixed_corpus(src: Path) -> Path:
     """A generated corpus with bad lines spread through the VL file."""
-    write_sample_corpus(SampleConfig(str(src), vl_rows=40, text_rows=9, image_rows=5, detection_rows=5,
-                                     min_size=32, max_size=48))
+    write_sample_corpus(
+        SampleConfig(str(src), vl_rows=40, text_rows=9, image_rows=5, detection_rows=5, min_size=32, max_size=48)
+    )
     path = src / "vision_language_examples.tsv"
     lines = path.read_bytes().splitlines(keepends=True)
     for k in (0, 7, 8, 30, len(lines)):
@@ -255,8 +381,9 @@ def test_interrupted_then_resumed_equals_one_conversion(tmp_path, monkeypatch, s
     """Each stop interrupts a run at its n-th progress record, cutting that log line short."""
     src = mixed_corpus(tmp_path / "tsv")
     convert(ConvertConfig(str(src), str(tmp_path / "once"), rows_per_shard=6, batch_rows=4, workers=2))
-    cfg = ConvertConfig(str(src), str(tmp_path / "resumed"), rows_per_shard=6, batch_rows=4, workers=2,
-                        chunk_bytes=3000)  # other chunking: the output must not depend on it
+    cfg = ConvertConfig(
+        str(src), str(tmp_path / "resumed"), rows_per_shard=6, batch_rows=4, workers=2, chunk_bytes=3000
+    )  # other chunking: the output must not depend on it
     real_append = tsv2arrow._append_progress
     for stop in stops:
         calls = []
@@ -288,10 +415,30 @@ def test_resume_refuses_other_settings(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_killed_process_resumes(tmp_path):
     """SIGKILL a real conversion once shards exist; the resumed output equals a single conversion."""
-    src = write_sample_corpus(SampleConfig(str(tmp_path / "tsv"), vl_rows=3000, text_rows=500, image_rows=50,
-                                           detection_rows=50, min_size=24, max_size=32, distinct_images=32))
-    args = [sys.executable, str(ROOT / "data_tools" / "tsv2arrow.py"), str(src), str(tmp_path / "killed"),
-            "--rows-per-shard", "40", "--batch-rows", "16", "--workers", "1"]
+    src = write_sample_corpus(
+        SampleConfig(
+            str(tmp_path / "tsv"),
+            vl_rows=3000,
+            text_rows=500,
+            image_rows=50,
+            detection_rows=50,
+            min_size=24,
+            max_size=32,
+            distinct_images=32,
+        )
+    )
+    args = [
+        sys.executable,
+        str(ROOT / "data_tools" / "tsv2arrow.py"),
+        str(src),
+        str(tmp_path / "killed"),
+        "--rows-per-shard",
+        "40",
+        "--batch-rows",
+        "16",
+        "--workers",
+        "1",
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = tmp_path / "killed" / tsv2arrow.PROGRESS
     deadline = time.time() + 60

@@ -14,6 +14,7 @@ eighth of the bytes of float32 images per example through the loader workers' sh
 the workers more than the copies) and the host-to-device copy, and no float work in the workers. The model gets
 them still shared (image_index), so its ResNet runs once per distinct image.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -61,9 +62,13 @@ def collate(examples: list[Example], image_size: int, pad: int) -> dict[str, tor
             images[row].zero_()
         else:
             planar_into(images[row].numpy(), image)
-    stream = {**token_fields(examples, pad), "patch_images": images, "image_index": torch.tensor(index),
-              "patch_holes": torch.tensor([e.hole or (0, 0, 0, 0) for e in examples], dtype=torch.long),
-              "patch_masks": torch.tensor([e.image is not None for e in examples])}
+    stream = {
+        **token_fields(examples, pad),
+        "patch_images": images,
+        "image_index": torch.tensor(index),
+        "patch_holes": torch.tensor([e.hole or (0, 0, 0, 0) for e in examples], dtype=torch.long),
+        "patch_masks": torch.tensor([e.image is not None for e in examples]),
+    }
     sampled = [e.patch_idx is not None for e in examples]
     if any(sampled):
         if not all(sampled):
@@ -93,8 +98,9 @@ def model_inputs(stream: dict[str, torch.Tensor], device, dtype: torch.dtype) ->
     `distinct_images` with their holes, normalised as OFA's ToTensor + Normalize(0.5, 0.5) (bit for bit, in float32)
     and then cast to `dtype`, the holes 0 after normalisation; image_index (B,) each example's row of them."""
     if stream["patch_images"].dtype != torch.uint8:
-        raise TypeError(f"patch_images are {stream['patch_images'].dtype}; model_inputs takes the loader's uint8 "
-                        "pixels")
+        raise TypeError(
+            f"patch_images are {stream['patch_images'].dtype}; model_inputs takes the loader's uint8 pixels"
+        )
     keys, index = distinct_images(stream)
     skip = ("patch_images", "patch_holes", "image_index")
     out = {k: v.to(device, non_blocking=True) for k, v in stream.items() if k not in skip}

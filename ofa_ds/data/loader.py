@@ -26,6 +26,7 @@
   are therefore identical for any number of DataLoader workers. This departs from OFA, whose RandAugment draws
   come from a NumPy RNG seeded per epoch (so every sample of an epoch got the same augmentation).
 """
+
 from __future__ import annotations
 
 import atexit
@@ -73,8 +74,9 @@ class MicroBatches(torch.utils.data.Dataset):
         if len(c.text):
             for slot in range(2):
                 rng = self._rng(_TEXT, cycle, slot)
-                out.append(_guard("text", (2 * cycle + slot) % len(c.text), c.text,
-                                  lambda row: t.text_infilling(row, rng)))
+                out.append(
+                    _guard("text", (2 * cycle + slot) % len(c.text), c.text, lambda row: t.text_infilling(row, rng))
+                )
         if len(c.image):
             out.append(_guard("image", cycle % len(c.image), c.image, t.image_infilling))
         if len(c.detection):
@@ -110,8 +112,10 @@ class _Wire(torch.utils.data.Dataset):
         self.batches = batches
 
     def __getitem__(self, step: int) -> dict:
-        return {s: None if x is None else {k: v if k == "patch_images" else v.numpy() for k, v in x.items()}
-                for s, x in self.batches[step].items()}
+        return {
+            s: None if x is None else {k: v if k == "patch_images" else v.numpy() for k, v in x.items()}
+            for s, x in self.batches[step].items()
+        }
 
     @staticmethod
     def unpack(batch: dict) -> dict:
@@ -183,8 +187,12 @@ class Loader:
         # global one, whose state (dropout, drop-path) a resumed run restores and must not see shifted. The batches
         # draw nothing from it (their Generators are seeded per row).
         loader = torch.utils.data.DataLoader(
-            _Wire(self.batches) if workers else self.batches, batch_size=None, sampler=itertools.count(start),
-            num_workers=self.num_workers, collate_fn=_as_is, pin_memory=torch.cuda.is_available(),
+            _Wire(self.batches) if workers else self.batches,
+            batch_size=None,
+            sampler=itertools.count(start),
+            num_workers=self.num_workers,
+            collate_fn=_as_is,
+            pin_memory=torch.cuda.is_available(),
             generator=torch.Generator().manual_seed(self.batches.cfg.seed),
         )
         for batch in _received(iter(loader)) if workers else loader:
@@ -195,12 +203,24 @@ class Loader:
         return {"consumed_samples": self.consumed_samples}
 
 
-def build_loader(corpus, tokenizer: Tokenizer, data_cfg: DataConfig, *, dp_rank: int, dp_size: int,
-                 micro_batch: int, consumed_samples: int = 0, num_workers: int | None = None) -> Loader:
+def build_loader(
+    corpus,
+    tokenizer: Tokenizer,
+    data_cfg: DataConfig,
+    *,
+    dp_rank: int,
+    dp_size: int,
+    micro_batch: int,
+    consumed_samples: int = 0,
+    num_workers: int | None = None,
+) -> Loader:
     if (tokenizer.num_codes, tokenizer.num_bins) != (data_cfg.num_codes, data_cfg.num_bins):
-        raise ConfigError(f"tokenizer has {tokenizer.num_codes} codes and {tokenizer.num_bins} bins; data config "
-                          f"says num_codes={data_cfg.num_codes}, num_bins={data_cfg.num_bins}")
-    sampler = DistributedVLSampler(len(corpus.vl), dp_rank=dp_rank, dp_size=dp_size, micro_batch=micro_batch,
-                                   seed=data_cfg.seed)
+        raise ConfigError(
+            f"tokenizer has {tokenizer.num_codes} codes and {tokenizer.num_bins} bins; data config "
+            f"says num_codes={data_cfg.num_codes}, num_bins={data_cfg.num_bins}"
+        )
+    sampler = DistributedVLSampler(
+        len(corpus.vl), dp_rank=dp_rank, dp_size=dp_size, micro_batch=micro_batch, seed=data_cfg.seed
+    )
     workers = data_cfg.num_workers if num_workers is None else num_workers
     return Loader(MicroBatches(corpus, tokenizer, data_cfg, sampler), consumed_samples, workers)

@@ -5,6 +5,7 @@ ceil(ratio * #words); every span's first token becomes <mask> and the rest of it
 (replace_length = 1, no random tokens); zero-length spans become <mask> insertions. Spans may overlap, as in OFA.
 Randomness comes from a numpy Generator instead of torch's global RNG.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,9 @@ def span_lengths(num_to_mask: int, pmf: np.ndarray, rng: np.random.Generator) ->
     return lengths
 
 
-def mask_spans(tokens: np.ndarray, word_start: np.ndarray, mask_id: int, ratio: float, pmf: np.ndarray,
-               rng: np.random.Generator) -> np.ndarray:
+def mask_spans(
+    tokens: np.ndarray, word_start: np.ndarray, mask_id: int, ratio: float, pmf: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
     """Mask whole-word spans of `tokens` (bos ... eos, int64); `word_start[i]` says whether token i starts a word."""
     is_start = word_start.astype(np.int64)
     is_start[0] = is_start[-1] = 0

@@ -10,6 +10,7 @@ every task is learnable. Image-infilling rows are 256x256 with 256 codes that qu
 each 8x8 cell of the centre 128x128 region. Rows beyond --distinct-images reuse already encoded scenes,
 which makes large benchmark corpora fast to write.
 """
+
 from __future__ import annotations
 
 import base64
@@ -24,8 +25,14 @@ from PIL import Image, ImageDraw
 from ofa_ds.data.schema import CODE_IMAGE_SIZE, LINE_POOLS, NEGATIVES_DIR, TSV_SOURCES, TYPE2ANS_FILE
 
 COLORS = {
-    "red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 70, 215), "yellow": (235, 205, 40),
-    "purple": (135, 55, 175), "orange": (240, 130, 30), "white": (245, 245, 245), "black": (25, 25, 25),
+    "red": (215, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 70, 215),
+    "yellow": (235, 205, 40),
+    "purple": (135, 55, 175),
+    "orange": (240, 130, 30),
+    "white": (245, 245, 245),
+    "black": (25, 25, 25),
 }
 SHAPES = ("circle", "square", "triangle")
 COUNTS = ("one", "two", "three", "four")
@@ -186,8 +193,10 @@ def _qa(objs: list[Obj], rng: random.Random) -> tuple[str, str, list[Obj]]:
 
 def _text_line(i: int, scene: Scene, rng: random.Random) -> list[str]:
     objs = scene.objs
-    sentences = [f"there {'is' if len(objs) == 1 else 'are'} {COUNTS[len(objs) - 1]} "
-                 f"shape{'s' if len(objs) > 1 else ''} in the picture."]
+    sentences = [
+        f"there {'is' if len(objs) == 1 else 'are'} {COUNTS[len(objs) - 1]} "
+        f"shape{'s' if len(objs) > 1 else ''} in the picture."
+    ]
     sentences += [f"the {a.name} is {_relation(a, b)} the {b.name}." for a, b in zip(objs, objs[1:])]
     sentences += [f"the {o.shape} is {o.color}." for o in objs]
     rng.shuffle(sentences)
@@ -208,27 +217,46 @@ def _write_negatives(neg: Path, rng: random.Random) -> None:
     captions = [_caption(_place(rng, 256, 256, rng.randint(1, 3))) for _ in range(200)]
     (neg / LINE_POOLS["captions"][0]).write_text("\n".join(captions) + "\n")
     (neg / LINE_POOLS["objects"][0]).write_text("\n".join((*SHAPES, *EXTRA_OBJECTS)) + "\n")
-    type2ans = {"color": list(COLORS), "how many": [str(k) for k in range(1, 5)], "yes/no": ["yes", "no"],
-                "other": [*SHAPES, *EXTRA_OBJECTS]}
+    type2ans = {
+        "color": list(COLORS),
+        "how many": [str(k) for k in range(1, 5)],
+        "yes/no": ["yes", "no"],
+        "other": [*SHAPES, *EXTRA_OBJECTS],
+    }
     (neg / TYPE2ANS_FILE).write_text(json.dumps(type2ans, indent=1) + "\n")
 
 
 def add_arguments(p) -> None:
     d = SampleConfig("")
     p.add_argument("out", help="output directory (OFA's layout: *_examples.tsv, negative_sample/)")
-    helps = {"vl_rows": "vision-language rows (caption, VQA, grounding)", "text_rows": "text-infilling rows",
-             "image_rows": "image-infilling rows (256 px, with VQGAN-style codes)", "detection_rows": "detection rows",
-             "min_size": "smallest side of VL and detection images, pixels (>= 24)",
-             "max_size": "largest side of VL and detection images, pixels",
-             "distinct_images": "distinct images per source; later rows reuse them", "seed": "random seed"}
+    helps = {
+        "vl_rows": "vision-language rows (caption, VQA, grounding)",
+        "text_rows": "text-infilling rows",
+        "image_rows": "image-infilling rows (256 px, with VQGAN-style codes)",
+        "detection_rows": "detection rows",
+        "min_size": "smallest side of VL and detection images, pixels (>= 24)",
+        "max_size": "largest side of VL and detection images, pixels",
+        "distinct_images": "distinct images per source; later rows reuse them",
+        "seed": "random seed",
+    }
     for name, text in helps.items():
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name),
-                       help=f"{text} (default: %(default)s)")
+        p.add_argument(
+            "--" + name.replace("_", "-"), type=int, default=getattr(d, name), help=f"{text} (default: %(default)s)"
+        )
 
 
 def run(args) -> int:
-    cfg = SampleConfig(args.out, args.vl_rows, args.text_rows, args.image_rows, args.detection_rows,
-                       args.min_size, args.max_size, args.distinct_images, args.seed)
+    cfg = SampleConfig(
+        args.out,
+        args.vl_rows,
+        args.text_rows,
+        args.image_rows,
+        args.detection_rows,
+        args.min_size,
+        args.max_size,
+        args.distinct_images,
+        args.seed,
+    )
     if not 24 <= cfg.min_size <= cfg.max_size or cfg.distinct_images < 1:
         raise SystemExit("make-sample-corpus: need 24 <= --min-size <= --max-size and --distinct-images >= 1")
     print(f"wrote {write_sample_corpus(cfg)}")

@@ -12,6 +12,7 @@ rows 2g and 2g + 1, image row g and detection row g, each modulo its source's le
 The shuffle is a Feistel network over the index bits with cycle walking: a bijection of range(N) evaluated
 per index, so start-up and memory stay flat in N (no per-epoch permutation array).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -75,8 +76,10 @@ class DistributedVLSampler:
     def step_of(self, consumed_samples: int) -> int:
         """The micro-step that starts after `consumed_samples` global VL rows."""
         if consumed_samples < 0 or consumed_samples % self.global_micro_batch:
-            raise ValueError(f"consumed_samples={consumed_samples} is not a non-negative multiple of micro_batch x "
-                             f"dp_size = {self.global_micro_batch}")
+            raise ValueError(
+                f"consumed_samples={consumed_samples} is not a non-negative multiple of micro_batch x "
+                f"dp_size = {self.global_micro_batch}"
+            )
         return consumed_samples // self.global_micro_batch
 
     def micro_batch_rows(self, step: int) -> list[RowRef]:

@@ -58,6 +58,7 @@ manifest.json:
    "manifest_sha256": hex}               sha256 of this JSON without this key (sorted keys, compact): an edited or
                                          corrupted manifest is refused at open
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -97,8 +98,14 @@ ID_FIELDS = {"vl": "uniq_id", "text": "uniq_id", "image": "image_id", "detection
 
 _ANSWER = pa.struct([("answer", pa.string()), ("conf", pa.float64())])
 _BOX = pa.struct(
-    [("x0", pa.float64()), ("y0", pa.float64()), ("x1", pa.float64()), ("y1", pa.float64()),
-     ("category_id", pa.string()), ("label", pa.string())]
+    [
+        ("x0", pa.float64()),
+        ("y0", pa.float64()),
+        ("x1", pa.float64()),
+        ("y1", pa.float64()),
+        ("category_id", pa.string()),
+        ("label", pa.string()),
+    ]
 )
 
 _FIELDS = {

@@ -13,6 +13,7 @@ Text fields are cut to schema.MAX_TEXT_CHARS. `verify()` checks every shard's sh
 opened before `fork` (DataLoader workers) re-opens its shards lazily in the child; pickling drops the open
 shards.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -26,8 +27,19 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from ofa_ds.data.schema import (MANIFEST, MAX_TEXT_CHARS, ROW_CRC, SCHEMA_VERSION, SOURCES, TEXT_FIELDS, TSV_SOURCES,
-                                manifest_digest, row_crc, schema, sha256)
+from ofa_ds.data.schema import (
+    MANIFEST,
+    MAX_TEXT_CHARS,
+    ROW_CRC,
+    SCHEMA_VERSION,
+    SOURCES,
+    TEXT_FIELDS,
+    TSV_SOURCES,
+    manifest_digest,
+    row_crc,
+    schema,
+    sha256,
+)
 
 
 class CorpusError(Exception):
@@ -99,8 +111,10 @@ def check_manifest(m, path: Path) -> None:
         if listed != sum(sh["rows"] for sh in shards):
             raise CorpusError(f"{where}.rows is {listed!r}, its shards hold {sum(sh['rows'] for sh in shards)}")
     if m.get("manifest_sha256") != manifest_digest(m):
-        raise CorpusError(f"{path}: its content does not match its manifest_sha256: the manifest was edited or "
-                          "corrupted (a shard's sha256, size or row count may be wrong); re-convert the corpus")
+        raise CorpusError(
+            f"{path}: its content does not match its manifest_sha256: the manifest was edited or "
+            "corrupted (a shard's sha256, size or row count may be wrong); re-convert the corpus"
+        )
 
 
 def _count(v, positive: bool = False) -> bool:

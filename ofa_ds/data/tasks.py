@@ -5,6 +5,7 @@ extra sources give text infilling, image infilling and detection. Prompts, targe
 special cases are OFA's; every random choice draws from the numpy Generator passed in, which the loader seeds
 per sample. `task_ids` in a batch index `TASKS`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,8 +18,17 @@ from ofa_ds.data.masking import mask_spans, poisson_span_pmf
 from ofa_ds.data.text import pre_caption, pre_question
 from ofa_ds.data.tokenizer import Tokenizer
 
-TASKS = ("caption", "caption_itm", "vqa", "qa_itm", "grounding", "grounded_caption", "text_infilling",
-         "image_infilling", "detection")
+TASKS = (
+    "caption",
+    "caption_itm",
+    "vqa",
+    "qa_itm",
+    "grounding",
+    "grounded_caption",
+    "text_infilling",
+    "image_infilling",
+    "detection",
+)
 TASK_ID = {name: i for i, name in enumerate(TASKS)}
 
 TEXT_INFILL_READ = 512  # OFA keeps the first 512 BPE tokens of a document ...
@@ -99,8 +109,9 @@ class TaskBuilder:
         cfg, enc = self.cfg, self.tok.encode
         image = transforms.caption_image(row["image"], cfg.image_size, rng)
         caption = row["caption"]
-        cap = self._example("caption", self.caption_prompt, enc(" " + pre_caption(caption, cfg.max_tgt_length)),
-                            image, 1.0)
+        cap = self._example(
+            "caption", self.caption_prompt, enc(" " + pre_caption(caption, cfg.max_tgt_length)), image, 1.0
+        )
         if row["dataset_name"] == "cc12m":  # OFA drops the first two target tokens from the loss
             cap.target[:2] = [self.tok.pad] * len(cap.target[:2])
             cap.target[-1] = self.tok.eos
@@ -134,8 +145,9 @@ class TaskBuilder:
             raise DataError("visual_grounding row without a box")
         image, box = transforms.grounding_image(row["image"], row["box"], cfg.image_size, rng)
         bins = self._bins(box)
-        src = enc(' which region does the text " {} " describe?'.format(pre_caption(row["caption"],
-                                                                                    cfg.max_src_length)))
+        src = enc(
+            ' which region does the text " {} " describe?'.format(pre_caption(row["caption"], cfg.max_src_length))
+        )
         ground = self._example("grounding", src, bins, image, 1.0)
         tgt = enc(" " + pre_caption(row["caption"], cfg.max_tgt_length))
         region = self._example("grounded_caption", self.region_prompt + bins, tgt, image, 1.0)
@@ -177,8 +189,15 @@ class TaskBuilder:
             raise DataError(f"image code {bad[0]} outside [0, {self.tok.num_codes})")
         image = transforms.infilling_image(row["image"], self.cfg.extra_image_size)
         tgt = [self.tok.code_0 + int(c) for c in codes]
-        return self._example("image_infilling", self.image_prompt, tgt, image, EXTRA_WEIGHT, code_mask=True,
-                             hole=transforms.infilling_hole(self.cfg.extra_image_size))
+        return self._example(
+            "image_infilling",
+            self.image_prompt,
+            tgt,
+            image,
+            EXTRA_WEIGHT,
+            code_mask=True,
+            hole=transforms.infilling_hole(self.cfg.extra_image_size),
+        )
 
     def detection(self, row: dict, rng: np.random.Generator) -> Example:
         objs = row["boxes"]

@@ -1,4 +1,5 @@
 """OFA's caption and question normalisation (OFA_SPEC 4.8, data/ofa_dataset.py). Limits are in words."""
+
 from __future__ import annotations
 
 import re

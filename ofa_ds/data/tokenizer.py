@@ -16,6 +16,7 @@ Two backends fill the text-piece range behind one interface:
 `load_tokenizer("ofa_bpe")` or `load_tokenizer(directory)` opens either; a saved directory holds the backend's
 files and `tokenizer.json`, which records the layout and is checked on load.
 """
+
 from __future__ import annotations
 
 import json
@@ -123,8 +124,16 @@ class Tokenizer:
         return 4 <= i < self.mask
 
     def layout(self) -> dict:
-        return {"type": self.kind, "num_text": self.num_text, "num_codes": self.num_codes, "num_bins": self.num_bins,
-                "mask": self.mask, "code_0": self.code_0, "bin_0": self.bin_0, "vocab_size": self.vocab_size}
+        return {
+            "type": self.kind,
+            "num_text": self.num_text,
+            "num_codes": self.num_codes,
+            "num_bins": self.num_bins,
+            "mask": self.mask,
+            "code_0": self.code_0,
+            "bin_0": self.bin_0,
+            "vocab_size": self.vocab_size,
+        }
 
     def save(self, out_dir: str | Path) -> None:
         out_dir = Path(out_dir)
@@ -137,7 +146,8 @@ class OFABPETokenizer(Tokenizer):
     kind = "ofa_bpe"
 
     def __init__(self, bpe_dir: str | Path = OFA_BPE_DIR, num_codes: int = 8192, num_bins: int = 1000):
-        from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
 
         self.dir = Path(bpe_dir)
         for name in OFA_BPE_FILES:
@@ -236,9 +246,16 @@ def _read_fairseq_dict(path: Path) -> list[str]:
     return symbols
 
 
-def train_sentencepiece(texts, vocab_size: int, out_dir: str | Path, *, num_codes: int = 8192,
-                        num_bins: int = 1000, model_type: str = "unigram",
-                        max_sentences: int = 2_000_000) -> SentencePieceTokenizer:
+def train_sentencepiece(
+    texts,
+    vocab_size: int,
+    out_dir: str | Path,
+    *,
+    num_codes: int = 8192,
+    num_bins: int = 1000,
+    model_type: str = "unigram",
+    max_sentences: int = 2_000_000,
+) -> SentencePieceTokenizer:
     """Train a sentencepiece model on `texts` (an iterable of str) and save the full layout to `out_dir`.
 
     `vocab_size` counts the model's pieces including the four specials; the full vocabulary adds <mask>, the
@@ -254,23 +271,38 @@ def train_sentencepiece(texts, vocab_size: int, out_dir: str | Path, *, num_code
     sentences = (" " + t for t in texts if t and not t.isspace())
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=sentences, model_writer=model, vocab_size=vocab_size, model_type=model_type,
-            bos_id=0, pad_id=1, eos_id=2, unk_id=3, add_dummy_prefix=False, remove_extra_whitespaces=False,
-            normalization_rule_name="identity", byte_fallback=True, character_coverage=0.9995,
-            input_sentence_size=max_sentences, shuffle_input_sentence=True, num_threads=1,
-            max_sentence_length=1 << 16, minloglevel=2,
+            sentence_iterator=sentences,
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            bos_id=0,
+            pad_id=1,
+            eos_id=2,
+            unk_id=3,
+            add_dummy_prefix=False,
+            remove_extra_whitespaces=False,
+            normalization_rule_name="identity",
+            byte_fallback=True,
+            character_coverage=0.9995,
+            input_sentence_size=max_sentences,
+            shuffle_input_sentence=True,
+            num_threads=1,
+            max_sentence_length=1 << 16,
+            minloglevel=2,
         )
     except RuntimeError as e:
-        raise ConfigError(f"sentencepiece training with vocab_size={vocab_size} failed: "
-                          f"{str(e).strip().splitlines()[-1]}") from None
+        raise ConfigError(
+            f"sentencepiece training with vocab_size={vocab_size} failed: {str(e).strip().splitlines()[-1]}"
+        ) from None
     (out_dir / SPM_FILE).write_bytes(model.getvalue())
     tok = SentencePieceTokenizer(out_dir / SPM_FILE, num_codes, num_bins)
     tok.save(out_dir)
     return tok
 
 
-def load_tokenizer(spec: str | Path, *, num_codes: int = 8192, num_bins: int = 1000,
-                   vocab_size: int | None = None) -> Tokenizer:
+def load_tokenizer(
+    spec: str | Path, *, num_codes: int = 8192, num_bins: int = 1000, vocab_size: int | None = None
+) -> Tokenizer:
     """`"ofa_bpe"` (the bundled OFA files) or a directory written by `Tokenizer.save` / `train_sentencepiece`.
 
     `vocab_size`, when given (the model's), must equal the tokenizer's full vocabulary size.
@@ -280,8 +312,9 @@ def load_tokenizer(spec: str | Path, *, num_codes: int = 8192, num_bins: int = 1
     else:
         tok = _load_dir(Path(spec), num_codes, num_bins)
     if vocab_size is not None and vocab_size != tok.vocab_size:
-        raise ConfigError(f"tokenizer {spec} has vocab_size {tok.vocab_size} but the model expects vocab_size "
-                          f"{vocab_size}")
+        raise ConfigError(
+            f"tokenizer {spec} has vocab_size {tok.vocab_size} but the model expects vocab_size {vocab_size}"
+        )
     return tok
 
 
@@ -302,6 +335,8 @@ def _load_dir(path: Path, num_codes: int, num_bins: int) -> Tokenizer:
         raise ConfigError(f"{layout_file}: type {kind!r}; valid: {OFABPETokenizer.kind}, {SentencePieceTokenizer.kind}")
     for key, value in tok.layout().items():
         if layout.get(key) != value:
-            raise ConfigError(f"{layout_file}: {key} is {layout.get(key)!r} but the tokenizer files (and "
-                              f"num_codes={num_codes}, num_bins={num_bins}) give {value!r}")
+            raise ConfigError(
+                f"{layout_file}: {key} is {layout.get(key)!r} but the tokenizer files (and "
+                f"num_codes={num_codes}, num_bins={num_bins}) give {value!r}"
+            )
     return tok

@@ -8,6 +8,7 @@ negative caption pool, read column-wise from the memory-mapped shards (images ar
 give one text per line. At most --max-sentences texts are used, spread evenly over the input. OUT then works as
 `DataConfig.tokenizer`; the printed vocab_size is what `ModelConfig.vocab_size` must be.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -16,8 +17,12 @@ import math
 from pathlib import Path
 
 # source -> text columns (list<struct> columns are flattened below)
-_CORPUS_TEXT = {"vl": ("caption", "question", "answers"), "text": ("text",), "detection": ("boxes",),
-                "captions": ("caption",)}
+_CORPUS_TEXT = {
+    "vl": ("caption", "question", "answers"),
+    "text": ("text",),
+    "detection": ("boxes",),
+    "captions": ("caption",),
+}
 
 
 def corpus_texts(root: str | Path):
@@ -58,16 +63,33 @@ def add_arguments(p) -> None:
     p.add_argument("out", help="output directory (spm.model + tokenizer.json)")
     p.add_argument("--corpus", help="converted corpus root (manifest.json)")
     p.add_argument("--text", nargs="+", default=[], help="text files, one text per line")
-    p.add_argument("--vocab-size", type=int, default=32000,
-                   help="sentencepiece pieces, including the 4 specials (default: %(default)s)")
-    p.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram",
-                   help="sentencepiece algorithm (default: %(default)s)")
-    p.add_argument("--max-sentences", type=int, default=2_000_000,
-                   help="texts sampled from the corpus for training (default: %(default)s)")
-    p.add_argument("--num-codes", type=int, default=8192,
-                   help="image-code tokens after the text pieces (default: %(default)s, OFA's VQGAN)")
-    p.add_argument("--num-bins", type=int, default=1000,
-                   help="location-bin tokens after the codes (default: %(default)s, OFA's)")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=32000,
+        help="sentencepiece pieces, including the 4 specials (default: %(default)s)",
+    )
+    p.add_argument(
+        "--model-type",
+        choices=("unigram", "bpe"),
+        default="unigram",
+        help="sentencepiece algorithm (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-sentences",
+        type=int,
+        default=2_000_000,
+        help="texts sampled from the corpus for training (default: %(default)s)",
+    )
+    p.add_argument(
+        "--num-codes",
+        type=int,
+        default=8192,
+        help="image-code tokens after the text pieces (default: %(default)s, OFA's VQGAN)",
+    )
+    p.add_argument(
+        "--num-bins", type=int, default=1000, help="location-bin tokens after the codes (default: %(default)s, OFA's)"
+    )
 
 
 def run(args) -> int:
@@ -83,8 +105,14 @@ def run(args) -> int:
     if total == 0:
         raise SystemExit("train-tokenizer: the inputs hold no text")
     stride = max(1, math.ceil(total / args.max_sentences))
-    tok = train_sentencepiece(itertools.islice(texts(), 0, None, stride), args.vocab_size, args.out,
-                              num_codes=args.num_codes, num_bins=args.num_bins, model_type=args.model_type,
-                              max_sentences=args.max_sentences)
+    tok = train_sentencepiece(
+        itertools.islice(texts(), 0, None, stride),
+        args.vocab_size,
+        args.out,
+        num_codes=args.num_codes,
+        num_bins=args.num_bins,
+        model_type=args.model_type,
+        max_sentences=args.max_sentences,
+    )
     print(json.dumps({"out": str(args.out), "texts": total, "used": -(-total // stride), **tok.layout()}))
     return 0

@@ -6,7 +6,8 @@ Outputs are uint8 (3, R, R) RGB arrays; ToTensor + Normalize(0.5, 0.5) happen wh
 does. What makes the chain cheaper than OFA's without moving any pixel: JPEGs are decoded by libjpeg-turbo's
 TurboJPEG API (simplejpeg; Pillow's pixels, faster); resize and crop are one bicubic resize of the kept window
 (Pillow's `Image.resize(box=...)`), run by the vectorised C extension `_pixel_ops` (csrc/resample; Pillow's pixels,
-6-12x faster, benchmarks/results/pixel_ops.json) when it is built; RandAugment's shear and rotate run in `_pixel_ops` too (csrc/resample;
+6-12x faster, benchmarks/results/pixel_ops.json) when it is built;
+RandAugment's shear and rotate run in `_pixel_ops` too (csrc/resample;
 Pillow's bilinear `Image.transform` pixels, 3.4x faster) and so does its sharpness (Pillow's SMOOTH
 filter and blend, bit for bit) when they are built, and its ops take a Pillow image or
 an (H, W, 3) array, so an image becomes a Pillow one only for the ops written with Pillow; and JPEGs are decoded
@@ -25,6 +26,7 @@ Departures from OFA's RandAugment (vision_helper.py, written with OpenCV):
   PIL's bilinear sampling with OpenCV's pixel-index geometry (rotation about (W/2, H/2), shear about the origin);
   pixels at the border blend with the fill colour slightly differently.
 """
+
 from __future__ import annotations
 
 import io
@@ -131,8 +133,9 @@ class _Source:
             scale = next(s for s in (8, 4, 2, 1) if s <= min(w // at_least[0], h // at_least[1]) or s == 1)
         if self.jpeg is not None:
             try:
-                pixels = simplejpeg.decode_jpeg(self.data, "RGB", min_width=-(-w // scale),
-                                                min_height=-(-h // scale), strict=True)
+                pixels = simplejpeg.decode_jpeg(
+                    self.data, "RGB", min_width=-(-w // scale), min_height=-(-h // scale), strict=True
+                )
                 return pixels, scale
             except ValueError:  # damaged: Pillow decodes what it can, as OFA's reader did
                 self.img = Image.open(io.BytesIO(self.data))
@@ -192,8 +195,7 @@ def grounding_image(data: bytes, box, r: int, rng: np.random.Generator) -> tuple
     return to_chw(img), b
 
 
-def detection_image(data: bytes, boxes, s: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray,
-                                                                                   np.ndarray]:
+def detection_image(data: bytes, boxes, s: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Detection (OFA_SPEC 4.5): horizontal flip (p 0.5), large-scale jitter to s x s (scale U[1, 1.5]), boxes
     shifted and clipped, empty ones dropped. Returns the image, the float32 (N, 4) boxes kept and their indices."""
     src = _Source(data)
@@ -375,5 +377,15 @@ def _rotate(img, rng):
 
 
 # OFA's op list, in its order.
-RAND_AUGMENT_OPS = (_identity, _auto_contrast, _equalize, _brightness, _sharpness, _shear_x, _shear_y, _translate_x,
-                    _translate_y, _rotate)
+RAND_AUGMENT_OPS = (
+    _identity,
+    _auto_contrast,
+    _equalize,
+    _brightness,
+    _sharpness,
+    _shear_x,
+    _shear_y,
+    _translate_x,
+    _translate_y,
+    _rotate,
+)

@@ -9,6 +9,7 @@ log OUT/.progress.jsonl then records it with the input position after its last r
 resumes where it stopped (same settings) without losing or duplicating rows. The manifest is written last,
 with the counts of kept rows with a repeated id or an oversized text field, and its own sha256.
 """
+
 from __future__ import annotations
 
 import collections
@@ -26,9 +27,23 @@ import pyarrow.compute as pc
 from PIL import Image, ImageFile
 from tqdm import tqdm
 
-from ofa_ds.data.schema import (ID_FIELDS, LINE_POOLS, MANIFEST, MAX_TEXT_CHARS, NEGATIVES_DIR, QUARANTINE,
-                                SCHEMA_VERSION, SOURCES, TEXT_FIELDS, TSV_SOURCES, TYPE2ANS_FILE, manifest_digest,
-                                schema, sha256, with_crc)
+from ofa_ds.data.schema import (
+    ID_FIELDS,
+    LINE_POOLS,
+    MANIFEST,
+    MAX_TEXT_CHARS,
+    NEGATIVES_DIR,
+    QUARANTINE,
+    SCHEMA_VERSION,
+    SOURCES,
+    TEXT_FIELDS,
+    TSV_SOURCES,
+    TYPE2ANS_FILE,
+    manifest_digest,
+    schema,
+    sha256,
+    with_crc,
+)
 from ofa_ds.data.tsv_rows import parse_lines
 
 PROGRESS = ".progress.jsonl"
@@ -81,8 +96,10 @@ def _init_worker() -> None:
 
 def _inputs(src: Path) -> dict[str, Path | None]:
     if not src.is_dir():
-        raise ConversionError(f"{src}: {'not a directory' if src.exists() else 'no such directory'} (the directory "
-                              f"of OFA's TSVs, e.g. one written by `ofa-ds make-sample-corpus`)")
+        raise ConversionError(
+            f"{src}: {'not a directory' if src.exists() else 'no such directory'} (the directory "
+            f"of OFA's TSVs, e.g. one written by `ofa-ds make-sample-corpus`)"
+        )
     paths = {s: src / name for s, (name, _) in TSV_SOURCES.items()}
     paths |= {s: src / NEGATIVES_DIR / name for s, (name, _) in LINE_POOLS.items()}
     paths["type2ans"] = src / NEGATIVES_DIR / TYPE2ANS_FILE
@@ -155,8 +172,9 @@ def _convert_lines(pool, workers: int, out: Path, source: str, path: Path, state
         for shard, (line, offset) in done:
             _quarantine(q, path, [r for r in pending if r["line"] <= line])
             pending = [r for r in pending if r["line"] > line]
-            _record(out, state, {"source": source, "shard": shard, "next": [line + 1, offset],
-                                 "quarantine_bytes": q.tell()})
+            _record(
+                out, state, {"source": source, "shard": shard, "next": [line + 1, offset], "quarantine_bytes": q.tell()}
+            )
 
     def absorb(result) -> None:
         batch, marks, rejects, end = result
@@ -272,8 +290,12 @@ class ShardWriter:
         sink.close()
         final = self.dir / self._name()
         os.replace(tmp, final)
-        shard = {"file": f"{self.source}/{final.name}", "rows": self.rows, "bytes": final.stat().st_size,
-                 "sha256": sha256(final)}
+        shard = {
+            "file": f"{self.source}/{final.name}",
+            "rows": self.rows,
+            "bytes": final.stat().st_size,
+            "sha256": sha256(final),
+        }
         self.file, self.rows, self.index = None, 0, self.index + 1
         return shard, self.last_mark
 
@@ -286,8 +308,7 @@ def _kept_but_odd(out: Path, sources: dict) -> dict:
     MAX_TEXT_CHARS. Read from the shards' id and text columns (memory-mapped: no image bytes are touched)."""
     duplicates, oversized = {}, {}
     for source, id_field in ID_FIELDS.items():
-        tables = [pa.ipc.open_file(pa.memory_map(str(out / sh["file"]))).read_all()
-                  for sh in sources[source]["shards"]]
+        tables = [pa.ipc.open_file(pa.memory_map(str(out / sh["file"]))).read_all() for sh in sources[source]["shards"]]
         if not tables:
             continue
         table = pa.concat_tables(tables)
@@ -311,8 +332,11 @@ def _manifest(out: Path, state: dict, cfg: ConvertConfig) -> dict:
         "schema_version": SCHEMA_VERSION,
         "batch_rows": cfg.batch_rows,
         "sources": sources,
-        "totals": {"rows": sum(x["rows"] for x in shards), "shards": len(shards),
-                   "bytes": sum(x["bytes"] for x in shards)},
+        "totals": {
+            "rows": sum(x["rows"] for x in shards),
+            "shards": len(shards),
+            "bytes": sum(x["bytes"] for x in shards),
+        },
         "rejected": {"rows": sum(reasons.values()), "by_reason": dict(sorted(reasons.items()))},
         **_kept_but_odd(out, sources),
     }
@@ -322,20 +346,28 @@ def add_arguments(p) -> None:
     d = ConvertConfig("", "")
     p.add_argument("src", help="directory in OFA's layout: *_examples.tsv and negative_sample/")
     p.add_argument("out", help="output directory (an interrupted conversion into it is resumed)")
-    p.add_argument("--rows-per-shard", type=int, default=d.rows_per_shard,
-                   help="rows per shard file (default: %(default)s)")
-    p.add_argument("--batch-rows", type=int, default=d.batch_rows,
-                   help="rows per Arrow record batch (default: %(default)s)")
-    p.add_argument("--max-pixels", type=int, default=d.max_pixels,
-                   help="reject larger images, width x height (default: %(default)s, Pillow's bomb limit)")
+    p.add_argument(
+        "--rows-per-shard", type=int, default=d.rows_per_shard, help="rows per shard file (default: %(default)s)"
+    )
+    p.add_argument(
+        "--batch-rows", type=int, default=d.batch_rows, help="rows per Arrow record batch (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=d.max_pixels,
+        help="reject larger images, width x height (default: %(default)s, Pillow's bomb limit)",
+    )
     p.add_argument("--workers", type=int, default=d.workers, help="parsing processes (default: 0, all cores)")
 
 
 def run(args) -> int:
     cfg = ConvertConfig(args.src, args.out, args.rows_per_shard, args.batch_rows, args.max_pixels, args.workers)
     if min(cfg.rows_per_shard, cfg.batch_rows, cfg.max_pixels) < 1 or cfg.workers < 0:
-        print("ofa-ds tsv2arrow: --rows-per-shard, --batch-rows and --max-pixels must be >= 1, --workers >= 0",
-              file=sys.stderr)
+        print(
+            "ofa-ds tsv2arrow: --rows-per-shard, --batch-rows and --max-pixels must be >= 1, --workers >= 0",
+            file=sys.stderr,
+        )
         return 2
     t0 = time.perf_counter()
     try:
@@ -350,12 +382,16 @@ def run(args) -> int:
     print(f"  rejected: {rej['rows']} rows -> {Path(cfg.out) / QUARANTINE}")
     for reason, n in rej["by_reason"].items():
         print(f"    {reason}: {n}")
-    for key, what in (("duplicate_ids", "kept with an id an earlier row has"),
-                      ("oversized_text", f"kept with a text field over {MAX_TEXT_CHARS} chars (read cut to it)")):
+    for key, what in (
+        ("duplicate_ids", "kept with an id an earlier row has"),
+        ("oversized_text", f"kept with a text field over {MAX_TEXT_CHARS} chars (read cut to it)"),
+    ):
         counts = {s: n for s, n in m[key].items() if n}
         if counts:
             print(f"  {what}: " + ", ".join(f"{s} {n}" for s, n in counts.items()))
     t = m["totals"]
-    print(f"{t['rows']} rows, {t['bytes'] / 1e6:.1f} MB in {t['shards']} shards, {secs:.2f} s "
-          f"({(t['rows'] + rej['rows']) / secs:.0f} rows/s) -> {Path(cfg.out) / MANIFEST}")
+    print(
+        f"{t['rows']} rows, {t['bytes'] / 1e6:.1f} MB in {t['shards']} shards, {secs:.2f} s "
+        f"({(t['rows'] + rej['rows']) / secs:.0f} rows/s) -> {Path(cfg.out) / MANIFEST}"
+    )
     return 0

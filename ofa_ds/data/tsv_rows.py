@@ -13,6 +13,7 @@ Images are stored as their encoded bytes, with one exception: a progressive JPEG
 to baseline (the same DCT coefficients, so the same pixels, checked per image), which the loader decodes 2-3x
 faster. This needs the `_jpegtran` extension (csrc/jpegtran); without it the bytes are kept as they are.
 """
+
 from __future__ import annotations
 
 import base64

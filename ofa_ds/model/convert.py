@@ -10,6 +10,7 @@ Deterministic buffers (relative-position buckets, decoder.image_position_idx, ve
 are recomputed (OFA_SPEC 8.5), and regenerated when writing an OFA checkpoint. Files are read with
 `torch.load(weights_only=True)` or safetensors, never plain pickle.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -198,8 +199,11 @@ def check_keys(want: dict, sd: dict) -> None:
     """Raise CheckpointError listing every key of `sd` that is missing, unexpected or mis-shaped against `want`."""
     missing = sorted(set(want) - set(sd))
     unexpected = sorted(set(sd) - set(want))
-    shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(want[k].shape)}"
-                    for k in set(want) & set(sd) if tuple(sd[k].shape) != tuple(want[k].shape))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(want[k].shape)}"
+        for k in set(want) & set(sd)
+        if tuple(sd[k].shape) != tuple(want[k].shape)
+    )
     if missing or unexpected or shapes:
         lines = []
         for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
@@ -233,18 +237,36 @@ def load_safetensors(path: str | Path) -> tuple[ModelConfig, dict]:
 
 def ofa_cfg(cfg: ModelConfig) -> dict:
     """OFA's `cfg` block for a checkpoint written from ofa_ds."""
-    return {"model": {
-        "_name": cfg.name, "arch": cfg.name, "encoder_embed_dim": cfg.embed_dim, "decoder_embed_dim": cfg.embed_dim,
-        "encoder_ffn_embed_dim": cfg.ffn_dim, "decoder_ffn_embed_dim": cfg.ffn_dim,
-        "encoder_attention_heads": cfg.heads, "decoder_attention_heads": cfg.heads,
-        "encoder_layers": cfg.encoder_layers, "decoder_layers": cfg.decoder_layers, "resnet_type": cfg.resnet,
-        "token_bucket_size": cfg.token_bucket_size, "image_bucket_size": cfg.image_bucket_size,
-        "max_source_positions": cfg.max_positions, "max_target_positions": cfg.max_positions,
-        "attn_scale_factor": cfg.attn_scale_factor, "code_image_size": cfg.code_image_size,
-        "dropout": cfg.dropout, "encoder_drop_path_rate": cfg.encoder_drop_path,
-        "decoder_drop_path_rate": cfg.decoder_drop_path, "scale_attn": True, "scale_fc": True, "scale_heads": True,
-        "scale_resids": False, "disable_entangle": True, "add_type_embedding": True,
-    }}
+    return {
+        "model": {
+            "_name": cfg.name,
+            "arch": cfg.name,
+            "encoder_embed_dim": cfg.embed_dim,
+            "decoder_embed_dim": cfg.embed_dim,
+            "encoder_ffn_embed_dim": cfg.ffn_dim,
+            "decoder_ffn_embed_dim": cfg.ffn_dim,
+            "encoder_attention_heads": cfg.heads,
+            "decoder_attention_heads": cfg.heads,
+            "encoder_layers": cfg.encoder_layers,
+            "decoder_layers": cfg.decoder_layers,
+            "resnet_type": cfg.resnet,
+            "token_bucket_size": cfg.token_bucket_size,
+            "image_bucket_size": cfg.image_bucket_size,
+            "max_source_positions": cfg.max_positions,
+            "max_target_positions": cfg.max_positions,
+            "attn_scale_factor": cfg.attn_scale_factor,
+            "code_image_size": cfg.code_image_size,
+            "dropout": cfg.dropout,
+            "encoder_drop_path_rate": cfg.encoder_drop_path,
+            "decoder_drop_path_rate": cfg.decoder_drop_path,
+            "scale_attn": True,
+            "scale_fc": True,
+            "scale_heads": True,
+            "scale_resids": False,
+            "disable_entangle": True,
+            "add_type_embedding": True,
+        }
+    }
 
 
 def load_any(path: str | Path) -> tuple[ModelConfig, dict]:

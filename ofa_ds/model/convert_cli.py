@@ -5,6 +5,7 @@
 
 The result is checked against the architecture read from the checkpoint before anything is written.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,8 +18,12 @@ from ofa_ds.model.convert import check_keys, load_any, resize_vocab, save_ofa_ch
 def add_arguments(p) -> None:
     p.add_argument("src", type=Path, help="OFA checkpoint (.pt) or ofa_ds export (.safetensors)")
     p.add_argument("dst", type=Path, help="output: .safetensors (ofa_ds) or .pt (OFA fairseq format)")
-    p.add_argument("--vocab-size", type=int, default=None,
-                   help="fit the embedding to this vocabulary (OFA's rule: append N(0, d^-1/2) rows or drop one)")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="fit the embedding to this vocabulary (OFA's rule: append N(0, d^-1/2) rows or drop one)",
+    )
 
 
 def run(args) -> int:
@@ -37,6 +42,8 @@ def run(args) -> int:
     else:
         save_ofa_checkpoint(sd, cfg, args.dst)
     n = sum(v.numel() for k, v in sd.items() if v.is_floating_point())
-    print(f"{args.src} -> {args.dst}: {cfg.name}, d={cfg.embed_dim}, {cfg.encoder_layers}+{cfg.decoder_layers} layers, "
-          f"{cfg.resnet}, V={cfg.vocab_size}, {n:,} floats")
+    print(
+        f"{args.src} -> {args.dst}: {cfg.name}, d={cfg.embed_dim}, {cfg.encoder_layers}+{cfg.decoder_layers} layers, "
+        f"{cfg.resnet}, V={cfg.vocab_size}, {n:,} floats"
+    )
     return 0

@@ -4,6 +4,7 @@ Layout is batch-first, x (B, T, D). Positions enter only through attention: the 
 extra q/k channels (pos_q, pos_k: (B, H, T, Dh), shared by all layers of a stack) and the per-layer
 relative tables, which live in the layer that uses them.
 """
+
 from __future__ import annotations
 
 import torch
@@ -94,9 +95,18 @@ class Attention(nn.Module):
             q, (k, v) = self.q_proj(x), self.kv_proj(memory).chunk(2, dim=-1)
         # The position channels (B, H, T, Dh), shared by the stack, go in separately: fused_attention casts them to
         # q's dtype and the Triton kernels read them in place, with no concatenated copy per layer.
-        o = fused_attention(self._heads(q), self._heads(k), self._heads(v), scale=self.scale, causal=causal,
-                            key_padding_mask=key_padding_mask, rel_pos=rel_pos, backend=self.backend,
-                            pos_q=pos_q, pos_k=pos_k)
+        o = fused_attention(
+            self._heads(q),
+            self._heads(k),
+            self._heads(v),
+            scale=self.scale,
+            causal=causal,
+            key_padding_mask=key_padding_mask,
+            rel_pos=rel_pos,
+            backend=self.backend,
+            pos_q=pos_q,
+            pos_k=pos_k,
+        )
         o = o * self.c_attn.to(o.dtype)[None, :, None, None]  # (B, H, T, Dh)
         B, _, T, _ = o.shape
         return self.out_proj(o.transpose(1, 2).reshape(B, T, -1))
@@ -137,8 +147,13 @@ class EncoderLayer(nn.Module):
         self.dropout, self.drop_path = nn.Dropout(cfg.dropout), DropPath(drop_path)
 
     def forward(self, x, pos_q, pos_k, key_padding_mask, rel_pos: RelPos):
-        h = self.self_attn(self.self_attn_layer_norm(x), pos_q, pos_k, key_padding_mask=key_padding_mask,
-                           rel_pos=self.rel_pos.bind(rel_pos))
+        h = self.self_attn(
+            self.self_attn_layer_norm(x),
+            pos_q,
+            pos_k,
+            key_padding_mask=key_padding_mask,
+            rel_pos=self.rel_pos.bind(rel_pos),
+        )
         x = x + self.drop_path(self.dropout(self.attn_ln(h)))
         return x + self.drop_path(self.dropout(self.ffn(self.final_layer_norm(x))))
 
@@ -156,10 +171,17 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, memory, self_pos, cross_pos, self_padding_mask, memory_padding_mask, rel_pos: RelPos):
         (sq, sk), (cq, ck) = self_pos, cross_pos
-        h = self.self_attn(self.self_attn_layer_norm(x), sq, sk, causal=True, key_padding_mask=self_padding_mask,
-                           rel_pos=self.rel_pos.bind(rel_pos))
+        h = self.self_attn(
+            self.self_attn_layer_norm(x),
+            sq,
+            sk,
+            causal=True,
+            key_padding_mask=self_padding_mask,
+            rel_pos=self.rel_pos.bind(rel_pos),
+        )
         x = x + self.drop_path(self.dropout(self.self_attn_ln(h)))
-        h = self.encoder_attn(self.encoder_attn_layer_norm(x), cq, ck, memory=memory,
-                              key_padding_mask=memory_padding_mask)
+        h = self.encoder_attn(
+            self.encoder_attn_layer_norm(x), cq, ck, memory=memory, key_padding_mask=memory_padding_mask
+        )
         x = x + self.drop_path(self.dropout(self.cross_attn_ln(h)))
         return x + self.drop_path(self.dropout(self.ffn(self.final_layer_norm(x))))

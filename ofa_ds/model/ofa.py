@@ -4,6 +4,7 @@
 
 Encoder sequence per sample: [image patches ; text tokens]; positions enter only as attention terms.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -64,8 +65,10 @@ class Encoder(nn.Module):
         _, _, h, w = feats.shape
         n = self.cfg.image_bucket_size
         if h > n or w > n:
-            raise ValueError(f"image of {patch_images.shape[-2]}x{patch_images.shape[-1]} px gives a {h}x{w} patch "
-                             f"grid; the position grid allows at most {n}x{n} ({16 * n} px)")
+            raise ValueError(
+                f"image of {patch_images.shape[-2]}x{patch_images.shape[-1]} px gives a {h}x{w} patch "
+                f"grid; the position grid allows at most {n}x{n} ({16 * n} px)"
+            )
         feats = feats.flatten(2).transpose(1, 2)  # (N, P, 1024)
         if image_index is not None:
             feats = feats[image_index]  # (B, P, 1024)
@@ -80,8 +83,16 @@ class Encoder(nn.Module):
         x = self.image_proj(feats) + self.type_embedding(feats.new_full((), 1, dtype=torch.long))
         return self.dropout(self.patch_layernorm_embedding(x)), pad, ids
 
-    def forward(self, embed_tokens: nn.Embedding, text_lut, src_tokens, patch_images=None, patch_masks=None,
-                patch_idx=None, image_index=None) -> EncoderOut:
+    def forward(
+        self,
+        embed_tokens: nn.Embedding,
+        text_lut,
+        src_tokens,
+        patch_images=None,
+        patch_masks=None,
+        patch_idx=None,
+        image_index=None,
+    ) -> EncoderOut:
         s = self.embed(embed_tokens(src_tokens), src_tokens, patch_images, patch_masks, patch_idx, image_index)
         rel = RelPos(s.kind, s.pos_ids, s.kind, s.pos_ids, None, None, text_lut, self.cfg.image_bucket_size)
         x, pad = s.x, (s.pad if bool(s.pad.any()) else None)
@@ -89,8 +100,9 @@ class Encoder(nn.Module):
             x = layer(x, s.pos_q, s.pos_k, pad, rel)
         return EncoderOut(self.layer_norm(x), s.pad, s.pos)
 
-    def embed(self, tokens, src_tokens, patch_images=None, patch_masks=None, patch_idx=None,
-              image_index=None) -> "EncoderIn":
+    def embed(
+        self, tokens, src_tokens, patch_images=None, patch_masks=None, patch_idx=None, image_index=None
+    ) -> "EncoderIn":
         """The layers' inputs: everything before the first layer. tokens (B, L, D): src_tokens' embeddings."""
         cfg = self.cfg
         B, L = src_tokens.shape
@@ -112,8 +124,9 @@ class Encoder(nn.Module):
             pos_ids = torch.cat([ids, text_pos_ids], dim=1)
         extra = -x.shape[1] % self.seq_multiple
         if extra:  # masked positions at the end, for the sequence split
-            x, pos, pos_ids, kind = (F.pad(t, (0, 0, 0, extra)) if t.dim() == 3 else F.pad(t, (0, extra))
-                                     for t in (x, pos, pos_ids, kind))
+            x, pos, pos_ids, kind = (
+                F.pad(t, (0, 0, 0, extra)) if t.dim() == 3 else F.pad(t, (0, extra)) for t in (x, pos, pos_ids, kind)
+            )
             pad = F.pad(pad, (0, extra), value=True)
         if bool(pad.any()):
             x = x * (~pad)[..., None].to(x.dtype)
@@ -172,15 +185,25 @@ class Decoder(nn.Module):
         code = torch.zeros(B, dtype=torch.bool, device=dev) if code_masks is None else code_masks.bool()
         c = code[:, None, None]
         img_ids = self.image_position_idx[:T]
-        pos = torch.where(c, self.image_pos_ln(self.embed_image_positions(img_ids)),
-                          self.pos_ln(self.embed_positions(torch.arange(T, device=dev))))  # (B, T, D)
+        pos = torch.where(
+            c,
+            self.image_pos_ln(self.embed_image_positions(img_ids)),
+            self.pos_ln(self.embed_positions(torch.arange(T, device=dev))),
+        )  # (B, T, D)
         x = self.dropout(torch.where(c, self.code_layernorm_embedding(tokens), self.layernorm_embedding(tokens)))
         kind = torch.where(code, KIND_IMAGE, KIND_TEXT).to(torch.int8)[:, None].expand(B, T)
         pos_ids = torch.where(code[:, None], img_ids, torch.arange(T, device=dev)).to(torch.int32)
         dh = cfg.head_dim
-        return DecoderIn(x, prev_output_tokens.eq(cfg.pad_id), heads(self.self_pos_q_linear(pos), dh),
-                         heads(self.self_pos_k_linear(pos), dh), heads(self.cross_pos_q_linear(pos), dh),
-                         heads(self.cross_pos_k_linear(enc_pos), dh), kind, pos_ids)
+        return DecoderIn(
+            x,
+            prev_output_tokens.eq(cfg.pad_id),
+            heads(self.self_pos_q_linear(pos), dh),
+            heads(self.self_pos_k_linear(pos), dh),
+            heads(self.cross_pos_q_linear(pos), dh),
+            heads(self.cross_pos_k_linear(enc_pos), dh),
+            kind,
+            pos_ids,
+        )
 
 
 class DecoderIn(NamedTuple):
@@ -210,16 +233,22 @@ class OFAModel(nn.Module):
         self.register_buffer("text_lut", text_bucket_lut(cfg.token_bucket_size, cfg.max_positions), persistent=False)
 
     def encode(self, src_tokens, patch_images=None, patch_masks=None, patch_idx=None, image_index=None) -> EncoderOut:
-        return self.encoder(self.embed_tokens, self.text_lut, src_tokens, patch_images, patch_masks, patch_idx,
-                            image_index)
+        return self.encoder(
+            self.embed_tokens, self.text_lut, src_tokens, patch_images, patch_masks, patch_idx, image_index
+        )
 
     def decode(self, prev_output_tokens, enc: EncoderOut, code_masks=None):
         x = self.decoder(self.embed_tokens, self.text_lut, prev_output_tokens, enc, code_masks)
         return self.embed_tokens(x, output=True)  # (B, T, V)
 
     def forward(self, stream: dict) -> torch.Tensor:
-        enc = self.encode(stream["src_tokens"], stream.get("patch_images"), stream.get("patch_masks"),
-                          stream.get("patch_idx"), stream.get("image_index"))
+        enc = self.encode(
+            stream["src_tokens"],
+            stream.get("patch_images"),
+            stream.get("patch_masks"),
+            stream.get("patch_idx"),
+            stream.get("image_index"),
+        )
         return self.decode(stream["prev_output_tokens"], enc, stream.get("code_masks"))
 
     def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:

@@ -3,6 +3,7 @@
 Names match torchvision (conv1, bn1, layer1.0.conv1, ..., downsample.0/1), which is how OFA stores it.
 Every conv -> BatchNorm (-> +residual) (-> ReLU) tail goes through `ofa_ds.kernels.resnet.batch_norm_act`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -53,8 +54,19 @@ class BatchNorm2d(nn.Module):
             group = self.sync_group or (dist.group.WORLD if self.mode == "sync" else None)
             if group is None:
                 raise RuntimeError("bn_mode sync_node: no node group set (the training engine sets sync_group)")
-        return batch_norm_act(x, self.weight, self.bias, self.running_mean, self.running_var, training=training,
-                              momentum=0.1, eps=self.eps, residual=residual, relu=relu, sync_group=group)
+        return batch_norm_act(
+            x,
+            self.weight,
+            self.bias,
+            self.running_mean,
+            self.running_var,
+            training=training,
+            momentum=0.1,
+            eps=self.eps,
+            residual=residual,
+            relu=relu,
+            sync_group=group,
+        )
 
 
 class Conv2d(nn.Conv2d):

@@ -7,6 +7,7 @@ the forward and restores it for the recompute in the backward, so dropout and dr
 The forward and the recompute are each one module call, so ZeRO-3 gathers the layer's parameters around both. It
 works in every layout: pipeline stages call the same layer modules.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,7 +20,7 @@ def every(setting: str) -> int:
         return 0
     if setting == "layers":
         return 1
-    return int(setting[len("every_"):])
+    return int(setting[len("every_") :])
 
 
 def apply(model: nn.Module, k: int) -> None:
@@ -52,7 +53,7 @@ def _unflatten(flat, spec) -> list:
             args.append(flat[i])
             i += 1
         else:
-            args.append(tuple(flat[i:i + n]))
+            args.append(tuple(flat[i : i + n]))
             i += n
     return args
 

@@ -8,6 +8,7 @@ Ranks are laid out as Megatron lays them out: TP fastest (consecutive ranks, a n
 rank = tp + T * (dp + D * pp). megatron-core's parallel_state builds the groups; a layout without model parallelism
 uses the world as its data-parallel group and never imports megatron-core.
 """
+
 from __future__ import annotations
 
 import socket
@@ -79,12 +80,23 @@ def build(layout: ParallelConfig) -> Groups:
         return Groups(layout, world, 0, 1, None, rank, world, None, 0, 1, None)
     ps = parallel_state()
     # gloo is the CPU backend already; megatron-core's extra gloo copies of its groups would only cost sockets.
-    ps.initialize_model_parallel(tensor_model_parallel_size=t, pipeline_model_parallel_size=p,
-                                 create_gloo_process_groups=False)
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=t, pipeline_model_parallel_size=p, create_gloo_process_groups=False
+    )
     assert ps.get_tensor_model_parallel_rank() == rank % t and ps.get_data_parallel_rank() == (rank // t) % dp
-    return Groups(layout, world, ps.get_tensor_model_parallel_rank(), t, ps.get_tensor_model_parallel_group(),
-                  ps.get_data_parallel_rank(), dp, ps.get_data_parallel_group(),
-                  ps.get_pipeline_model_parallel_rank(), p, MPU(ps))
+    return Groups(
+        layout,
+        world,
+        ps.get_tensor_model_parallel_rank(),
+        t,
+        ps.get_tensor_model_parallel_group(),
+        ps.get_data_parallel_rank(),
+        dp,
+        ps.get_data_parallel_group(),
+        ps.get_pipeline_model_parallel_rank(),
+        p,
+        MPU(ps),
+    )
 
 
 def ranks_by_host(hosts: list[str]) -> list[list[int]]:

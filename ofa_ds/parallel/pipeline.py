@@ -20,6 +20,7 @@ the plain model's name (export), and the stage layers run the model's own code (
 layers).
 A rank keeps only its stage's layers; the rest of the model is freed once the pipeline module exists.
 """
+
 from __future__ import annotations
 
 import torch
@@ -161,13 +162,13 @@ def source_name(name: str, prefixes: list[str]) -> str:
     """A pipeline module's parameter or buffer name ("7.layer.fc1.weight", "tied_modules.embed.embed.weight")
     -> the plain model's ("encoder.layers.5.fc1.weight", "embed_tokens.weight")."""
     if name.startswith(TIED):
-        return "embed_tokens." + name[len(TIED + "embed."):]
+        return "embed_tokens." + name[len(TIED + "embed.") :]
     index, _, rest = name.partition(".")
     prefix = prefixes[int(index)]
     if rest.startswith("final."):
-        return prefix.split("layers.")[0] + "layer_norm." + rest[len("final."):]
+        return prefix.split("layers.")[0] + "layer_norm." + rest[len("final.") :]
     if rest.startswith("layer."):
-        return prefix + rest[len("layer."):]
+        return prefix + rest[len("layer.") :]
     return prefix + rest
 
 
@@ -178,8 +179,14 @@ def pipeline_module(model: OFAModel, groups: Groups, loss_fn, partition: str, ch
 
     specs = layer_specs(model)
     topology = PipeModelDataParallelTopology(num_pp=groups.pp_size, num_mp=groups.tp_size, num_dp=groups.dp_size)
-    return PipelineModule(specs, topology=topology, loss_fn=loss_fn, partition_method=partition,
-                          activation_checkpoint_interval=checkpoint_interval, dynamic_shape=True)
+    return PipelineModule(
+        specs,
+        topology=topology,
+        loss_fn=loss_fn,
+        partition_method=partition,
+        activation_checkpoint_interval=checkpoint_interval,
+        dynamic_shape=True,
+    )
 
 
 def stream_inputs(x: dict) -> tuple:
@@ -189,9 +196,27 @@ def stream_inputs(x: dict) -> tuple:
     if idx is None:
         src = x["src_tokens"]
         idx = torch.full((src.shape[0], 1), NO_PATCH_SAMPLE, dtype=torch.long, device=src.device)
-    return (x["src_tokens"], x["patch_images"], x["patch_masks"], idx, x["image_index"], x["prev_output_tokens"],
-            x["code_masks"])
+    return (
+        x["src_tokens"],
+        x["patch_images"],
+        x["patch_masks"],
+        idx,
+        x["image_index"],
+        x["prev_output_tokens"],
+        x["code_masks"],
+    )
 
 
-__all__ = ["NO_PATCH_SAMPLE", "TokenEmbedding", "EncoderInput", "EncoderLayer", "DecoderInput", "DecoderLayer",
-           "layer_prefixes", "layer_specs", "source_name", "pipeline_module", "stream_inputs"]
+__all__ = [
+    "NO_PATCH_SAMPLE",
+    "TokenEmbedding",
+    "EncoderInput",
+    "EncoderLayer",
+    "DecoderInput",
+    "DecoderLayer",
+    "layer_prefixes",
+    "layer_specs",
+    "source_name",
+    "pipeline_module",
+    "stream_inputs",
+]

@@ -19,6 +19,7 @@ attention and the FFN's inner width falls by T for the same communication volume
 - Dropout on a split activation draws the mask of the whole sequence on every rank of the group (their random
   streams move in step) and keeps its own slice: the masks are those of the unsplit model.
 """
+
 from __future__ import annotations
 
 import re

@@ -17,6 +17,7 @@ does the same), so TP=N starts from TP=1's weights. `shard` and `unshard` are th
 With parallel.sequence_parallel, the layers' linears take megatron-core's sequence-parallel form and
 sequence.apply splits the sequence between them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -119,8 +120,11 @@ def _allocate_on_cpu() -> None:
     itself is unchanged, and nothing outside it sees a difference)."""
     import sys
 
-    for name in ("megatron.core.tensor_parallel.mappings", "megatron.core.tensor_parallel.layers",
-                 "megatron.core.utils"):
+    for name in (
+        "megatron.core.tensor_parallel.mappings",
+        "megatron.core.tensor_parallel.layers",
+        "megatron.core.utils",
+    ):
         module = sys.modules[name]
         if not isinstance(module.torch, _CPUTorch):
             module.torch = _CPUTorch()
@@ -200,8 +204,9 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.zeros(per, dim))
         local_pad = padding_idx - self.start
         self.padding_idx = local_pad if 0 <= local_pad < per else None
-        self.register_buffer("padding_columns", torch.arange(self.start, self.start + per) >= vocab_size,
-                             persistent=False)
+        self.register_buffer(
+            "padding_columns", torch.arange(self.start, self.start + per) >= vocab_size, persistent=False
+        )
 
     def forward(self, x, output: bool = False):
         tensor_parallel, _ = _megatron_layers()
@@ -234,8 +239,13 @@ def parallelize(model: nn.Module, groups: Groups) -> nn.Module:
         return model
     tensor_parallel, ModelParallelConfig = _megatron_layers()
     # Weights are copied from the full model below: megatron-core allocates on the CPU and initialises nothing.
-    mp = ModelParallelConfig(tensor_model_parallel_size=t, use_cpu_initialization=True, perform_initialization=False,
-                             gradient_accumulation_fusion=False, params_dtype=torch.float32)
+    mp = ModelParallelConfig(
+        tensor_model_parallel_size=t,
+        use_cpu_initialization=True,
+        perform_initialization=False,
+        gradient_accumulation_fusion=False,
+        params_dtype=torch.float32,
+    )
     sp = groups.layout.sequence_parallel
     # the layers' projections work on the split sequence under sequence parallelism; the position projections
     # (the embeddings' side, whole sequence) never do
@@ -255,10 +265,25 @@ def parallelize(model: nn.Module, groups: Groups) -> nn.Module:
         dim, blocks = spec
         config = mp_layers if ".layers." in f".{name}" else mp
         if dim == 0:
-            return column(m.in_features, m.out_features, config=config, init_method=nn.init.zeros_,
-                          bias=m.bias is not None, stride=blocks, tp_group=groups.tp_group)
-        return row(m.in_features, m.out_features, config=config, init_method=nn.init.zeros_,
-                   bias=m.bias is not None, input_is_parallel=True, skip_bias_add=False, tp_group=groups.tp_group)
+            return column(
+                m.in_features,
+                m.out_features,
+                config=config,
+                init_method=nn.init.zeros_,
+                bias=m.bias is not None,
+                stride=blocks,
+                tp_group=groups.tp_group,
+            )
+        return row(
+            m.in_features,
+            m.out_features,
+            config=config,
+            init_method=nn.init.zeros_,
+            bias=m.bias is not None,
+            input_is_parallel=True,
+            skip_bias_add=False,
+            tp_group=groups.tp_group,
+        )
 
     for name, m in list(model.named_modules()):
         new = replacement(name, m) if name else None
@@ -279,13 +304,25 @@ def parallelize(model: nn.Module, groups: Groups) -> nn.Module:
                 continue
             # megatron's marks (its layers set some): DeepSpeed's gradient norm counts a split parameter on every
             # TP rank, a replicated one on TP rank 0 alone
-            for attr, value in (("tensor_model_parallel", True), ("partition_dim", spec[0]),
-                                ("partition_stride", spec[1])):
+            for attr, value in (
+                ("tensor_model_parallel", True),
+                ("partition_dim", spec[0]),
+                ("partition_stride", spec[1]),
+            ):
                 setattr(p, attr, value)
     if sp:
         sequence.apply(model, groups)
     return model
 
 
-__all__ = ["SPLITS", "split_of", "padded_vocab", "shard", "unshard", "ParallelLayerNorm", "VocabParallelEmbedding",
-           "token_nll", "parallelize"]
+__all__ = [
+    "SPLITS",
+    "split_of",
+    "padded_vocab",
+    "shard",
+    "unshard",
+    "ParallelLayerNorm",
+    "VocabParallelEmbedding",
+    "token_nll",
+    "parallelize",
+]

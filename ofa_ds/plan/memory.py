@@ -21,6 +21,7 @@ Activations are what autograd keeps from the forward to the backward, counted pe
 of the backward (the loss head's fp32 logit gradients, or one checkpointed layer's recompute). TP divides the
 head- and FFN-width terms; one stream is alive at a time (the trainer runs forward and backward per stream).
 """
+
 from __future__ import annotations
 
 import functools
@@ -32,8 +33,12 @@ from ofa_ds.train.flops import RESNET_OUT, StreamShape
 
 GIB = 2**30
 WEIGHT_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
-DS_DEFAULTS = {"reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e7,
-               "stage3_param_persistence_threshold": 1e5}
+DS_DEFAULTS = {
+    "reduce_bucket_size": 5e8,
+    "allgather_bucket_size": 5e8,
+    "stage3_prefetch_bucket_size": 5e7,
+    "stage3_param_persistence_threshold": 1e5,
+}
 
 
 @dataclass(frozen=True)
@@ -60,8 +65,10 @@ def _model(cfg_json: str):
     with torch.device("meta"):
         model = OFAModel(cfg)
     params = dict(model.named_parameters())
-    modules = [[f"{prefix}.{n}" if prefix else n for n, _ in m.named_parameters(recurse=False)]
-               for prefix, m in model.named_modules()]
+    modules = [
+        [f"{prefix}.{n}" if prefix else n for n, _ in m.named_parameters(recurse=False)]
+        for prefix, m in model.named_modules()
+    ]
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     return params, layer_prefixes(cfg), modules, buffers, model.num_parameters()
 
@@ -85,7 +92,7 @@ def _counts(cfg_json: str, tp: int, pp: int) -> Counts:
         most = sum(held.values())
     else:
         bounds = partition_balanced(weights=per_layer, num_parts=pp)
-        most = max(sum(per_layer[bounds[s]:bounds[s + 1]]) for s in range(pp))
+        most = max(sum(per_layer[bounds[s] : bounds[s + 1]]) for s in range(pp))
     largest = max(sum(held[n] for n in own) for own in modules)
     return Counts(most, largest, buffers, total, tuple(held.values()) if pp == 1 else ())
 
@@ -94,8 +101,9 @@ def counts(cfg: ModelConfig, tp: int = 1, pp: int = 1) -> Counts:
     return _counts(json.dumps(cfg.to_dict(), sort_keys=True), tp, pp)
 
 
-def model_states(c: Counts, *, dp: int, zero: int, precision: str, offload: bool = False,
-                 zero_config: dict | None = None) -> dict[str, float]:
+def model_states(
+    c: Counts, *, dp: int, zero: int, precision: str, offload: bool = False, zero_config: dict | None = None
+) -> dict[str, float]:
     """Bytes per rank: params, grads, optimizer, buffers (model buffers + ZeRO-3's gathered module) and
     communication (the JSON's buckets)."""
     z = {**DS_DEFAULTS, **(zero_config or {})}
@@ -122,8 +130,13 @@ def model_states(c: Counts, *, dp: int, zero: int, precision: str, offload: bool
         communication = grad_bytes * z["reduce_bucket_size"] + w * z["allgather_bucket_size"]
     else:
         communication = 0.0
-    return {"params": params, "grads": grads, "optimizer": optimizer, "buffers": buffers,
-            "communication": communication}
+    return {
+        "params": params,
+        "grads": grads,
+        "optimizer": optimizer,
+        "buffers": buffers,
+        "communication": communication,
+    }
 
 
 def _zero3_weights(c: Counts, dp: int, threshold: float) -> float:
@@ -157,9 +170,16 @@ def _resnet(layers: tuple[int, int, int], image_size: int) -> int:
     return kept
 
 
-def stream_activations(cfg: ModelConfig, s: StreamShape, *, tp: int = 1,
-                       precision: str = "fp32", attention: str = "sdpa", checkpoint_every: int = 0,
-                       layers: tuple[int, int] | None = None) -> float:
+def stream_activations(
+    cfg: ModelConfig,
+    s: StreamShape,
+    *,
+    tp: int = 1,
+    precision: str = "fp32",
+    attention: str = "sdpa",
+    checkpoint_every: int = 0,
+    layers: tuple[int, int] | None = None,
+) -> float:
     """Peak bytes of activations of one stream's forward + backward on a rank holding `layers` (encoder, decoder)
     layers (all of them by default; the embeddings and the ResNet go with the encoder, the loss head with the
     decoder when a stack is held at all)."""

@@ -18,6 +18,7 @@ plan/memory.py's. Step time is a roofline at a stated MFU:
 Not modelled: the optimizer step's own time, kernel launch overheads, stragglers, offload's PCIe traffic (offload
 layouts are priced as if the host kept up), network contention between concurrent groups.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -68,8 +69,10 @@ class Batch:
     def per_row(self) -> list[tuple[StreamShape, float, float]]:
         """[(the shape of one example, examples per VL row, distinct images per VL row)] of each stream."""
         grid = (self.v2_image_size // 16) ** 2
-        return [(StreamShape(1, self.image_size, self.patches, self.src_len, self.tgt_len), 2.0, 1.0),
-                (StreamShape(1, self.v2_image_size, grid, self.v2_src_len, self.v2_tgt_len), 0.5, 0.5)]
+        return [
+            (StreamShape(1, self.image_size, self.patches, self.src_len, self.tgt_len), 2.0, 1.0),
+            (StreamShape(1, self.v2_image_size, grid, self.v2_src_len, self.v2_tgt_len), 0.5, 0.5),
+        ]
 
     def streams(self, micro: int) -> list[StreamShape]:
         """The stream shapes of one micro-batch of `micro` rows (the one with v2 examples, when some have none)."""
@@ -96,17 +99,30 @@ class Layout:
     fits: bool = False
 
 
-def evaluate(cfg: ModelConfig, cluster: Cluster, batch: Batch, layout: Layout, *, precision: str = "bf16",
-             mfu: float = 0.4, zero_config: dict | None = None) -> Layout:
+def evaluate(
+    cfg: ModelConfig,
+    cluster: Cluster,
+    batch: Batch,
+    layout: Layout,
+    *,
+    precision: str = "bf16",
+    mfu: float = 0.4,
+    zero_config: dict | None = None,
+) -> Layout:
     """Fill in the layout's memory and step time."""
     c = counts(cfg, layout.tp, layout.pp)
-    states = model_states(c, dp=layout.dp, zero=layout.zero_stage, precision=precision, offload=layout.offload,
-                          zero_config=zero_config)
+    states = model_states(
+        c, dp=layout.dp, zero=layout.zero_stage, precision=precision, offload=layout.offload, zero_config=zero_config
+    )
     streams = batch.streams(layout.micro_batch)
     every = 0 if layout.activation_checkpointing == "none" else 1
     held = _stage_layers(cfg, layout.pp)
-    acts = max(stream_activations(cfg, s, tp=layout.tp, precision=precision, attention="triton",
-                                  checkpoint_every=every, layers=held) for s in streams)
+    acts = max(
+        stream_activations(
+            cfg, s, tp=layout.tp, precision=precision, attention="triton", checkpoint_every=every, layers=held
+        )
+        for s in streams
+    )
     acts *= min(layout.pp, _pipe_micro(batch, layout))  # 1F1B: the first stage holds up to PP micro-batches
     memory = {**states, "activations": acts}
     memory["total"] = sum(memory.values())
@@ -130,8 +146,7 @@ def _pipe_micro(batch: Batch, layout: Layout) -> int:
     return accumulation * len(batch.streams(layout.micro_batch))
 
 
-def step_time(cfg: ModelConfig, cluster: Cluster, batch: Batch, layout: Layout, *, precision: str,
-              mfu: float) -> float:
+def step_time(cfg: ModelConfig, cluster: Cluster, batch: Batch, layout: Layout, *, precision: str, mfu: float) -> float:
     peak = (cluster.peak_tflops or GPU_PEAK_TFLOPS["A100"][precision]) * 1e12
     rows = batch.global_batch / layout.dp  # VL rows per data-parallel rank and update
     per_row = batch.per_row()  # [(shape of one example, examples per row, images per row)]
@@ -145,8 +160,10 @@ def step_time(cfg: ModelConfig, cluster: Cluster, batch: Batch, layout: Layout, 
     a = 2 if precision != "fp32" else 4
     tp_comm = 0.0
     if layout.tp > 1:  # (B, T, D) all-reduced twice per encoder and three times per decoder layer, forward and back
-        tokens = sum(n * (cfg.encoder_layers * 2 * (s.patches + s.src_len) + cfg.decoder_layers * 3 * s.tgt_len)
-                     for s, n, _ in per_row)
+        tokens = sum(
+            n * (cfg.encoder_layers * 2 * (s.patches + s.src_len) + cfg.decoder_layers * 3 * s.tgt_len)
+            for s, n, _ in per_row
+        )
         ring = 2 * (layout.tp - 1) / layout.tp
         tp_comm = rows * 2 * tokens * cfg.embed_dim * a * ring / (layout.pp * cluster.intra_node_gbps * 1e9)
     dp_comm = 0.0
@@ -189,19 +206,38 @@ def _powers(n: int) -> list[int]:
     return [2**i for i in range(n.bit_length()) if n % 2**i == 0]
 
 
-def plan(cfg: ModelConfig, cluster: Cluster, batch: Batch, *, precision: str = "bf16", mfu: float = 0.4,
-         micro_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32), zero_config: dict | None = None) -> list[Layout]:
+def plan(
+    cfg: ModelConfig,
+    cluster: Cluster,
+    batch: Batch,
+    *,
+    precision: str = "bf16",
+    mfu: float = 0.4,
+    micro_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32),
+    zero_config: dict | None = None,
+) -> list[Layout]:
     """Every candidate layout, evaluated; those that fit first, fastest first (offload last among equals)."""
     cluster.validate()
     if batch.global_batch < 1:
         raise ConfigError(f"--global-batch {batch.global_batch} must be >= 1")
     if not 0 < mfu <= 1:
         raise ConfigError(f"--mfu {mfu} must be in (0, 1]")
-    layouts = [evaluate(cfg, cluster, batch, lay, precision=precision, mfu=mfu, zero_config=zero_config)
-               for lay in candidates(cfg, cluster, batch, list(micro_batches))]
+    layouts = [
+        evaluate(cfg, cluster, batch, lay, precision=precision, mfu=mfu, zero_config=zero_config)
+        for lay in candidates(cfg, cluster, batch, list(micro_batches))
+    ]
     # equal times: no offload, then the lower ZeRO stage (less traffic to hide), then the larger micro-batch
-    return sorted(layouts, key=lambda lay: (not lay.fits, round(lay.step_time_s, 6), lay.offload, lay.zero_stage,
-                                            -lay.micro_batch, lay.memory_gib["total"]))
+    return sorted(
+        layouts,
+        key=lambda lay: (
+            not lay.fits,
+            round(lay.step_time_s, 6),
+            lay.offload,
+            lay.zero_stage,
+            -lay.micro_batch,
+            lay.memory_gib["total"],
+        ),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
@@ -213,17 +249,25 @@ def add_arguments(p) -> None:
     p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node")
     p.add_argument("--gpu-memory-gb", type=float, required=True, help="memory per GPU, GB (80 for A100-80GB)")
     p.add_argument("--global-batch", type=int, required=True, help="VL rows per update")
-    p.add_argument("--intra-node-gbps", type=float, default=300.0,
-                   help="GB/s per GPU within a node (default: %(default)s)")
-    p.add_argument("--inter-node-gbps", type=float, default=25.0,
-                   help="GB/s per GPU between nodes (default: %(default)s)")
+    p.add_argument(
+        "--intra-node-gbps", type=float, default=300.0, help="GB/s per GPU within a node (default: %(default)s)"
+    )
+    p.add_argument(
+        "--inter-node-gbps", type=float, default=25.0, help="GB/s per GPU between nodes (default: %(default)s)"
+    )
     p.add_argument("--peak-tflops", type=float, help="dense peak per GPU (default: A100's for the precision)")
-    p.add_argument("--mfu", type=float, default=0.4,
-                   help="model FLOPs utilisation assumed for compute (default: %(default)s)")
-    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16",
-                   help="training precision (default: %(default)s)")
-    p.add_argument("--deepspeed", help="a DeepSpeed JSON whose zero_optimization buckets to count (default: "
-                   "DeepSpeed's defaults)")
+    p.add_argument(
+        "--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for compute (default: %(default)s)"
+    )
+    p.add_argument(
+        "--precision",
+        choices=["bf16", "fp16", "fp32"],
+        default="bf16",
+        help="training precision (default: %(default)s)",
+    )
+    p.add_argument(
+        "--deepspeed", help="a DeepSpeed JSON whose zero_optimization buckets to count (default: DeepSpeed's defaults)"
+    )
     p.add_argument("--top", type=int, default=10, help="layouts printed (default: %(default)s; 0: all with --json)")
     p.add_argument("--json", action="store_true", help="print the layouts as JSON, best first")
 
@@ -245,7 +289,7 @@ def model_config(name: str) -> ModelConfig:
 
 
 def _zero_config(path: str) -> dict:
-    from ofa_ds.train.engine import load_ds_config
+    from ofa_ds.train.ds_json import load_ds_config
 
     return load_ds_config(path).get("zero_optimization", {})
 
@@ -255,29 +299,48 @@ def run(args) -> int:
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # planning needs none; DeepSpeed would print its detection
     cfg = model_config(args.preset)  # bad input raises ConfigError: cli.main reports it in one line
-    cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_memory_gb, args.intra_node_gbps,
-                      args.inter_node_gbps, args.peak_tflops)
+    cluster = Cluster(
+        args.nodes, args.gpus_per_node, args.gpu_memory_gb, args.intra_node_gbps, args.inter_node_gbps, args.peak_tflops
+    )
     zero_config = _zero_config(args.deepspeed) if args.deepspeed else None
-    layouts = plan(cfg, cluster, Batch(args.global_batch), precision=args.precision, mfu=args.mfu,
-                   zero_config=zero_config)
+    layouts = plan(
+        cfg, cluster, Batch(args.global_batch), precision=args.precision, mfu=args.mfu, zero_config=zero_config
+    )
     if args.json:
-        shown = layouts[:args.top] if args.top > 0 else layouts
-        print(json.dumps({"preset": cfg.name, "parameters": counts(cfg).total, "cluster": asdict(cluster),
-                          "global_batch": args.global_batch, "precision": args.precision, "mfu": args.mfu,
-                          "layouts": [asdict(lay) for lay in shown]}, indent=1))
+        shown = layouts[: args.top] if args.top > 0 else layouts
+        print(
+            json.dumps(
+                {
+                    "preset": cfg.name,
+                    "parameters": counts(cfg).total,
+                    "cluster": asdict(cluster),
+                    "global_batch": args.global_batch,
+                    "precision": args.precision,
+                    "mfu": args.mfu,
+                    "layouts": [asdict(lay) for lay in shown],
+                },
+                indent=1,
+            )
+        )
         return 0
     fitting = [lay for lay in layouts if lay.fits]
-    print(f"{cfg.name}: {counts(cfg).total:,} parameters on {cluster.nodes} x {cluster.gpus_per_node} GPUs of "
-          f"{cluster.gpu_memory_gb:g} GB, global batch {args.global_batch} VL rows, {args.precision}, MFU {args.mfu}")
+    print(
+        f"{cfg.name}: {counts(cfg).total:,} parameters on {cluster.nodes} x {cluster.gpus_per_node} GPUs of "
+        f"{cluster.gpu_memory_gb:g} GB, global batch {args.global_batch} VL rows, {args.precision}, MFU {args.mfu}"
+    )
     if not fitting:
         print(no_fit_advice(layouts, cluster))
         return 1
-    print(f"{'TP':>3} {'PP':>3} {'DP':>4} {'ZeRO':>4} {'micro':>5} {'ckpt':>6} {'offload':>7} {'GiB':>7} "
-          f"{'step s':>8} {'samples/s':>10}")
-    for lay in fitting[:args.top]:
-        print(f"{lay.tp:>3} {lay.pp:>3} {lay.dp:>4} {lay.zero_stage:>4} {lay.micro_batch:>5} "
-              f"{lay.activation_checkpointing:>6} {str(lay.offload):>7} {lay.memory_gib['total']:>7.1f} "
-              f"{lay.step_time_s:>8.3f} {lay.samples_per_s:>10.1f}")
+    print(
+        f"{'TP':>3} {'PP':>3} {'DP':>4} {'ZeRO':>4} {'micro':>5} {'ckpt':>6} {'offload':>7} {'GiB':>7} "
+        f"{'step s':>8} {'samples/s':>10}"
+    )
+    for lay in fitting[: args.top]:
+        print(
+            f"{lay.tp:>3} {lay.pp:>3} {lay.dp:>4} {lay.zero_stage:>4} {lay.micro_batch:>5} "
+            f"{lay.activation_checkpointing:>6} {str(lay.offload):>7} {lay.memory_gib['total']:>7.1f} "
+            f"{lay.step_time_s:>8.3f} {lay.samples_per_s:>10.1f}"
+        )
     print(f"{len(fitting)} of {len(layouts)} layouts fit")
     return 0
 
@@ -288,10 +351,12 @@ def no_fit_advice(layouts: list[Layout], cluster: Cluster) -> str:
     best = min(layouts, key=lambda lay: lay.memory_gib["total"])
     need = best.memory_gib["total"] * GIB / 1e9
     gpus = cluster.gpus * need / cluster.gpu_memory_gb
-    return (f"no layout fits {cluster.gpu_memory_gb:g} GB: the smallest needs {need:.1f} GB per GPU (TP {best.tp} x "
-            f"PP {best.pp} x DP {best.dp}, ZeRO-{best.zero_stage}, micro-batch {best.micro_batch}, checkpointing "
-            f"{best.activation_checkpointing}, offload {best.offload}); GPUs with {need:.0f} GB, or about "
-            f"{gpus:.0f} GPUs of this size, would hold it")
+    return (
+        f"no layout fits {cluster.gpu_memory_gb:g} GB: the smallest needs {need:.1f} GB per GPU (TP {best.tp} x "
+        f"PP {best.pp} x DP {best.dp}, ZeRO-{best.zero_stage}, micro-batch {best.micro_batch}, checkpointing "
+        f"{best.activation_checkpointing}, offload {best.offload}); GPUs with {need:.0f} GB, or about "
+        f"{gpus:.0f} GPUs of this size, would hold it"
+    )
 
 
 __all__ = ["Cluster", "Batch", "Layout", "evaluate", "plan", "step_time", "candidates"]

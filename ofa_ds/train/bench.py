@@ -21,6 +21,7 @@ weight and optimizer bytes the rank holds, and with
 `--memory` the peak of memory allocated and freed within one stream's forward and backward (activations and
 transients; what stays allocated, such as gradients, is excluded), measured with torch's profiler.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,11 +40,16 @@ import torch
 from ofa_ds.config import ConfigError
 
 
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", type=Path, help="run config (YAML or JSON)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="override a run-config key, as for ofa-ds pretrain; repeatable")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="overrides",
+        help="override a run-config key, as for ofa-ds pretrain; repeatable",
+    )
     p.add_argument("--warmup", type=int, default=2, help="updates before timing")
     p.add_argument("--steps", type=int, default=5, help="timed updates")
     p.add_argument("--synthetic", action="store_true", help="random batches instead of the corpus")
@@ -87,12 +93,13 @@ def run(args) -> int:
 
 
 def _prepare(args, overrides: list[str]):
-    from ofa_ds.train.pretrain import prepare
+    from ofa_ds.train.prepare import prepare
 
     if args.synthetic:
         overrides = ["corpus=synthetic", *overrides]  # a run config needs one; --synthetic reads none
-    ns = argparse.Namespace(config=args.config, overrides=overrides, out_dir=None, init_from=None, resume=None,
-                            change_geometry=False)
+    ns = argparse.Namespace(
+        config=args.config, overrides=overrides, out_dir=None, init_from=None, resume=None, change_geometry=False
+    )
     plan = prepare(ns, data=not args.synthetic)
     if args.warmup < 0 or args.steps < 1:
         raise ConfigError(f"--warmup {args.warmup} --steps {args.steps}: need warmup >= 0 and steps >= 1")
@@ -116,8 +123,16 @@ class Bench:
             return synthetic_batches(self.plan.model, self.plan.run.data, t.micro_batch, self.args, seed=tr.dp_rank)
         from ofa_ds.data.loader import build_loader
 
-        return iter(build_loader(self.plan.corpus, self.plan.tokenizer, self.plan.run.data, dp_rank=tr.dp_rank,
-                                 dp_size=tr.dp, micro_batch=t.micro_batch))
+        return iter(
+            build_loader(
+                self.plan.corpus,
+                self.plan.tokenizer,
+                self.plan.run.data,
+                dp_rank=tr.dp_rank,
+                dp_size=tr.dp,
+                micro_batch=t.micro_batch,
+            )
+        )
 
     def measure(self) -> dict:
         import torch.distributed as dist
@@ -134,19 +149,29 @@ class Bench:
             start = time.perf_counter()
             micro = [next(batches) for _ in range(gas)]
             waited = time.perf_counter() - start
-            stats = train_step(tr.engine, micro, model_cfg=self.plan.model, num_tasks=len(tr.tasks), groups=tr.groups,
-                               times=times)
+            stats = train_step(
+                tr.engine, micro, model_cfg=self.plan.model, num_tasks=len(tr.tasks), groups=tr.groups, times=times
+            )
             seconds = time.perf_counter() - start
             if timed:
                 source += sum(_source_tokens(b[s]) for b in micro for s in ("v1", "v2") if b.get(s) is not None)
-                rows.append({"step_s": seconds, "data_wait_s": waited, **{k: v for k, v in times.items()
-                                                                           if k != "streams"},
-                             "flops": stats.flops, "examples": stats.examples, "target_tokens": sum(stats.tokens)})
+                rows.append(
+                    {
+                        "step_s": seconds,
+                        "data_wait_s": waited,
+                        **{k: v for k, v in times.items() if k != "streams"},
+                        "flops": stats.flops,
+                        "examples": stats.examples,
+                        "target_tokens": sum(stats.tokens),
+                    }
+                )
         activations = self._activation_peak(batches, gas) if self.args.memory else None
         dist.all_reduce(source, group=tr.groups.dp_group)
         per_rank = [None] * dist.get_world_size()
-        dist.all_gather_object(per_rank, {"rank": dist.get_rank(), **_memory(), **held_bytes(tr.engine),
-                                          "activations_peak_bytes": activations})
+        dist.all_gather_object(
+            per_rank,
+            {"rank": dist.get_rank(), **_memory(), **held_bytes(tr.engine), "activations_peak_bytes": activations},
+        )
         return self._summary(rows, float(source) / len(rows), per_rank)
 
     def _activation_peak(self, batches, gas: int) -> int:
@@ -162,8 +187,9 @@ class Bench:
         micro = [next(batches) for _ in range(gas)]
         times: dict = {}
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            train_step(tr.engine, micro, model_cfg=self.plan.model, num_tasks=len(tr.tasks), groups=tr.groups,
-                       times=times)
+            train_step(
+                tr.engine, micro, model_cfg=self.plan.model, num_tasks=len(tr.tasks), groups=tr.groups, times=times
+            )
         events = _allocations(prof)
         first = len([s for s in ("v1", "v2") if micro[0].get(s) is not None])
         windows = times["streams"][:first] if gas > 1 else times["streams"]
@@ -171,7 +197,7 @@ class Bench:
 
     def _summary(self, rows: list[dict], source_per_update: float, per_rank: list[dict]) -> dict:
         from ofa_ds.model.ofa import OFAModel
-        from ofa_ds.train.engine import precision, zero_stage
+        from ofa_ds.train.ds_json import precision, zero_stage
         from ofa_ds.train.env import report
 
         tr, plan, t = self.trainer, self.plan, self.plan.run.train
@@ -186,22 +212,41 @@ class Bench:
         phases = ("data_wait_s", "forward", "backward", "optimizer", "pipeline")
         breakdown = {k.removesuffix("_s"): statistics.median(r.get(k, 0.0) for r in rows) for k in phases}
         return {
-            "model": plan.model.name, "parameters": params, "model_config": plan.model.to_dict(),
-            "layout": plan.run.parallel.describe(tr.world), "tp": plan.run.parallel.tensor,
-            "pp": plan.run.parallel.pipeline, "dp": tr.dp, "zero_stage": zero_stage(plan.ds), "precision": prec,
-            "activation_checkpointing": t.activation_checkpointing, "micro_batch": t.micro_batch,
-            "global_batch": t.global_batch, "world_size": tr.world, "batches": "synthetic" if self.args.synthetic
-            else plan.run.corpus, "warmup": self.args.warmup, "updates": len(rows),
-            "step_s": step, "step_s_all": [r["step_s"] for r in rows], "breakdown_s": breakdown,
+            "model": plan.model.name,
+            "parameters": params,
+            "model_config": plan.model.to_dict(),
+            "layout": plan.run.parallel.describe(tr.world),
+            "tp": plan.run.parallel.tensor,
+            "pp": plan.run.parallel.pipeline,
+            "dp": tr.dp,
+            "zero_stage": zero_stage(plan.ds),
+            "precision": prec,
+            "activation_checkpointing": t.activation_checkpointing,
+            "micro_batch": t.micro_batch,
+            "global_batch": t.global_batch,
+            "world_size": tr.world,
+            "batches": "synthetic" if self.args.synthetic else plan.run.corpus,
+            "warmup": self.args.warmup,
+            "updates": len(rows),
+            "step_s": step,
+            "step_s_all": [r["step_s"] for r in rows],
+            "breakdown_s": breakdown,
             "samples_per_s": statistics.median(r["examples"] for r in rows) / step,
             "vl_rows_per_s": t.global_batch / step,
-            "tokens_per_s": {"source": source_per_update / step,
-                             "target": statistics.median(r["target_tokens"] for r in rows) / step},
-            "flops_per_update": flops, "tflops_per_device": tflops,
+            "tokens_per_s": {
+                "source": source_per_update / step,
+                "target": statistics.median(r["target_tokens"] for r in rows) / step,
+            },
+            "flops_per_update": flops,
+            "tflops_per_device": tflops,
             "peak_tflops": {"datasheet": datasheet, "measured_gemm": gemm},
             "mfu": {"datasheet": tflops / datasheet if datasheet else None, "measured_gemm": tflops / gemm},
-            "memory_per_rank": per_rank, "hardware": hardware(tr.world), "versions": report(),
-            "config": plan.run.to_dict(), "ds_config": plan.ds, "date": time.strftime("%Y-%m-%d"),
+            "memory_per_rank": per_rank,
+            "hardware": hardware(tr.world),
+            "versions": report(),
+            "config": plan.run.to_dict(),
+            "ds_config": plan.ds,
+            "date": time.strftime("%Y-%m-%d"),
         }
 
 
@@ -369,15 +414,22 @@ def synthetic_batches(model_cfg, data_cfg, micro_batch: int, args, seed: int):
 def _write(result: dict, out: Path) -> Path:
     hw = result["hardware"].get("gpu") or result["hardware"]["cpu"]
     hw = "".join(c if c.isalnum() else "-" for c in hw).strip("-")[:40]
-    layout = (f"tp{result['tp']}_pp{result['pp']}_dp{result['dp']}_z{result['zero_stage']}_"
-              f"mb{result['micro_batch']}_{result['precision']}_{result['activation_checkpointing']}")
+    layout = (
+        f"tp{result['tp']}_pp{result['pp']}_dp{result['dp']}_z{result['zero_stage']}_"
+        f"mb{result['micro_batch']}_{result['precision']}_{result['activation_checkpointing']}"
+    )
     stem = out / f"{result['model']}_{layout}_{hw}_{result['date']}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     flat = {k: v for k, v in result.items() if not isinstance(v, (dict, list))}
     flat.update({f"breakdown_{k}_s": v for k, v in result["breakdown_s"].items()})
     flat.update({f"tokens_per_s_{k}": v for k, v in result["tokens_per_s"].items()})
-    flat.update({"mfu_measured_gemm": result["mfu"]["measured_gemm"], "mfu_datasheet": result["mfu"]["datasheet"],
-                 "peak_memory_gib_max": max(r["peak_gib"] for r in result["memory_per_rank"])})
+    flat.update(
+        {
+            "mfu_measured_gemm": result["mfu"]["measured_gemm"],
+            "mfu_datasheet": result["mfu"]["datasheet"],
+            "peak_memory_gib_max": max(r["peak_gib"] for r in result["memory_per_rank"]),
+        }
+    )
     with stem.with_suffix(".csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(flat))
         w.writeheader()
@@ -400,8 +452,13 @@ def _plot(results: list[dict], key: str, out: Path) -> Path:
     ax.set_xlabel(key)
     ax.set_ylabel("samples/s")
     ax2 = ax.twinx()
-    ax2.plot(xs, [max(m["peak_gib"] for m in r["memory_per_rank"]) for r in results], "s--", color="tab:red",
-             label="peak memory (GiB)")
+    ax2.plot(
+        xs,
+        [max(m["peak_gib"] for m in r["memory_per_rank"]) for r in results],
+        "s--",
+        color="tab:red",
+        label="peak memory (GiB)",
+    )
     ax2.set_ylabel("peak memory per rank (GiB)")
     ax.set_title(f"{results[0]['model']} {results[0]['layout']}: {key} sweep")
     fig.tight_layout()

@@ -10,6 +10,7 @@ size, the run configuration and its hashes. It is read before any process group 
 from a different model or world size is refused at once. Only rank 0 touches `latest` and prunes; every
 path is on a filesystem shared by all nodes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -107,25 +108,31 @@ def find(path: str | Path) -> Path:
     if not (tag_dir / META).is_file():
         if tag_dir.is_dir() and tag_dir.name.startswith(PREFIX):
             raise ConfigError(f"{tag_dir}: incomplete checkpoint (no {META}; the save was interrupted)")
-        raise ConfigError(f"{path}: no checkpoint (expected a run directory, its checkpoints/ or a {PREFIX}* directory)")
+        raise ConfigError(
+            f"{path}: no checkpoint (expected a run directory, its checkpoints/ or a {PREFIX}* directory)"
+        )
     return tag_dir
 
 
-def check_resumable(meta: dict, run: dict, model: dict, world_size: int, where: Path, layout: str,
-                    universal: bool) -> tuple[list[str], bool]:
+def check_resumable(
+    meta: dict, run: dict, model: dict, world_size: int, where: Path, layout: str, universal: bool
+) -> tuple[list[str], bool]:
     """Refuse a checkpoint of another model, or of another world size or parallel layout that has no universal
     form (ofa-ds to-universal); return the other run-config differences and whether to resume from the universal
     form."""
     diffs = config_diffs(meta["model"], model)
     if diffs:
-        raise ConfigError(f"{where} was trained with a different model config (checkpoint -> this run):\n  "
-                          + "\n  ".join(diffs))
+        raise ConfigError(
+            f"{where} was trained with a different model config (checkpoint -> this run):\n  " + "\n  ".join(diffs)
+        )
     written = meta.get("parallel", f"TP 1 x PP 1 x DP {meta['world_size']}")
     relayout = meta["world_size"] != world_size or written != layout
     if relayout and not universal:
-        raise ConfigError(f"{where} was written at layout {written} ({meta['world_size']} ranks), this run is "
-                          f"{layout} ({world_size} ranks); its shards are split for that layout: run `ofa-ds "
-                          f"to-universal {where}` once, then resume (weights and optimizer states carried)")
+        raise ConfigError(
+            f"{where} was written at layout {written} ({meta['world_size']} ranks), this run is "
+            f"{layout} ({world_size} ranks); its shards are split for that layout: run `ofa-ds "
+            f"to-universal {where}` once, then resume (weights and optimizer states carried)"
+        )
     return config_diffs(meta["config"], run), relayout
 
 
@@ -188,5 +195,17 @@ def load(engine, tag_dir: Path) -> dict:
     return client["ofa_ds"]
 
 
-__all__ = ["tag_of", "config_hash", "rng_state", "set_rng_state", "complete_tags", "read_meta", "find",
-           "check_resumable", "config_diffs", "save", "prune", "load"]
+__all__ = [
+    "tag_of",
+    "config_hash",
+    "rng_state",
+    "set_rng_state",
+    "complete_tags",
+    "read_meta",
+    "find",
+    "check_resumable",
+    "config_diffs",
+    "save",
+    "prune",
+    "load",
+]

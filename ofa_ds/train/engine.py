@@ -1,18 +1,15 @@
-"""The DeepSpeed side of pretraining: process group, DeepSpeed config, model construction, one update.
+"""The DeepSpeed side of pretraining: process group, model construction, one update (the JSON: ds_json.py).
 
-The DeepSpeed JSON holds what DeepSpeed does (ZeRO stage and buckets, precision, offload, the AdamW optimizer
-with OFA's settings, gradient clipping); ofa-ds fills in the batch geometry from the run config and drives
-the learning rate with its own schedule. DeepSpeed picks its fused Adam on GPUs and its CPU Adam with
-optimizer offload.
+DeepSpeed picks its fused Adam on GPUs and its CPU Adam with optimizer offload.
 
 Data-parallel gradients: each micro-batch's loss is already its share of the global step loss (loss.py),
 so gradients must be summed over micro-batches and ranks. DeepSpeed averages over ranks, hence the
 backward of `dp_size * loss` without its 1 / accumulation scaling.
 """
+
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import time
@@ -24,7 +21,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-from ofa_ds.config import ConfigError, ModelConfig, TrainConfig
+from ofa_ds.config import ModelConfig
 from ofa_ds.data.collate import model_inputs
 from ofa_ds.model.ofa import OFAModel
 from ofa_ds.model.resnet import BatchNorm2d
@@ -32,82 +29,9 @@ from ofa_ds.parallel import checkpointing
 from ofa_ds.parallel.groups import Groups, node_group
 from ofa_ds.parallel.tensor import parallelize, shard
 from ofa_ds.parallel.tensor import token_nll as tensor_parallel_nll
+from ofa_ds.train.ds_json import zero_stage
 from ofa_ds.train.flops import stream_shape, train_flops
 from ofa_ds.train.loss import STREAMS, count_tokens, stream_share, task_sums, token_nll, weighted_sum
-
-# DeepSpeed keys that ofa-ds owns, and where they are set instead.
-OWNED = {
-    "train_batch_size": "train.global_batch",
-    "train_micro_batch_size_per_gpu": "train.micro_batch",
-    "gradient_accumulation_steps": "train.global_batch / (train.micro_batch x data-parallel ranks)",
-    "scheduler": "train.warmup_ratio / train.lr_power / train.end_lr (the lr schedule is ofa-ds's)",
-}
-REQUIRED = ("optimizer", "gradient_clipping", "zero_optimization")
-
-
-# ---------------------------------------------------------------------------------------------------- config
-
-
-def load_ds_config(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        d = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"deepspeed: {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: line {e.lineno}: {e.msg}") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return d
-
-
-def ds_config(ds: dict, train: TrainConfig, dp_size: int, where: str, pipeline_stages: int = 1) -> dict:
-    """The DeepSpeed config for this run: the JSON checked, plus the batch geometry. The checks depend on the file
-    alone, not on the machine that runs them (check_accelerator is the machine's side)."""
-    pipe = ds.get("pipeline", {})
-    if any(pipe.get(k) for k in ("pipe_partitioned", "grad_partitioned")):
-        raise ConfigError(f"{where}: pipeline.pipe_partitioned / grad_partitioned: OFA's stages pass several tensors "
-                          f"that need gradients, which DeepSpeed's partitioned pipe transfer does not allow; remove them")
-    if pipeline_stages > 1:  # DeepSpeed turns them on by default with tensor parallelism
-        ds = {**ds, "pipeline": {**pipe, "pipe_partitioned": False, "grad_partitioned": False}}
-    for key, instead in OWNED.items():
-        if key in ds:
-            raise ConfigError(f"{where}: {key!r} is set by ofa-ds from {instead}; remove it")
-    for key in REQUIRED:
-        if key not in ds:
-            raise ConfigError(f"{where}: {key!r} is required (see configs/ds/)")
-    opt = ds["optimizer"]
-    if not isinstance(opt, dict) or opt.get("type", "").lower() not in ("adamw", "adam"):
-        raise ConfigError(f"{where}: optimizer.type must be AdamW (OFA_SPEC 7), got {opt!r}")
-    if zero_stage(ds) not in (1, 2, 3):
-        raise ConfigError(f"{where}: zero_optimization.stage must be 1, 2 or 3, got {zero_stage(ds)!r}")
-    if precision(ds) == "bf16":
-        accum = ds.get("data_types", {}).get("grad_accum_dtype")
-        if accum != "fp32":
-            raise ConfigError(f"{where}: bf16 needs \"data_types\": {{\"grad_accum_dtype\": \"fp32\"}} (got {accum!r}): "
-                              f"DeepSpeed's default under ZeRO accumulates gradients in bf16, which drops the small "
-                              f"contributions of later micro-batches (configs/ds/README.md)")
-    return {**ds, "train_batch_size": train.global_batch, "train_micro_batch_size_per_gpu": train.micro_batch,
-            "gradient_accumulation_steps": train.accumulation(dp_size)}
-
-
-def check_accelerator(ds: dict, where: str) -> None:
-    """Refuse a precision this machine's accelerator lacks (DeepSpeed's CPU accelerator reports fp16 from the
-    host CPU's features)."""
-    acc = get_accelerator()
-    if precision(ds) == "fp16" and not acc.is_fp16_supported():
-        raise ConfigError(f"{where}: fp16.enabled but the {acc.device_name()} accelerator has no fp16; use bf16 or fp32")
-    if precision(ds) == "bf16" and not acc.is_bf16_supported():
-        raise ConfigError(f"{where}: bf16.enabled but the {acc.device_name()} accelerator has no bf16; use fp16 or fp32")
-
-
-def zero_stage(ds: dict) -> int:
-    return ds.get("zero_optimization", {}).get("stage", 0)
-
-
-def precision(ds: dict) -> str:
-    return "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
-
 
 # ---------------------------------------------------------------------------------------------------- processes
 
@@ -151,8 +75,14 @@ def init_distributed() -> str:
 def cpu_threads_per_rank() -> int:
     """CPU ranks without OMP_NUM_THREADS (the deepspeed launcher does not set it) share the node's cores instead
     of each taking all of them: oversubscribed gloo ranks run 20-100x slower."""
-    ranks = next((int(os.environ[k]) for k in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE")
-                  if k in os.environ), world_size())
+    ranks = next(
+        (
+            int(os.environ[k])
+            for k in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE")
+            if k in os.environ
+        ),
+        world_size(),
+    )
     threads = max(1, (os.cpu_count() or 1) // ranks)
     torch.set_num_threads(threads)
     return threads
@@ -169,8 +99,10 @@ def kernels_in_use(cfg: ModelConfig, device: torch.device) -> dict:
     from ofa_ds.kernels.resnet import extension_available
 
     probe = torch.empty(0, device=device)
-    return {"attention": resolve_backend(cfg.attn_backend, probe),
-            "resnet": "cuda" if probe.is_cuda and extension_available() else "torch"}
+    return {
+        "attention": resolve_backend(cfg.attn_backend, probe),
+        "resnet": "cuda" if probe.is_cuda and extension_available() else "torch",
+    }
 
 
 def agree_on_kernels(cfg: ModelConfig, device: torch.device) -> dict:
@@ -180,11 +112,15 @@ def agree_on_kernels(cfg: ModelConfig, device: torch.device) -> dict:
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, (mine, socket.gethostname()))
     if any(kernels != everyone[0][0] for kernels, _ in everyone):
-        lines = [f"rank {r} on {host}: attention {k['attention']}, resnet {k['resnet']}"
-                 for r, (k, host) in enumerate(everyone)]
-        raise KernelMismatch("ranks would run different kernels (a node's CUDA extension or Triton differs, or "
-                             "OFA_DS_ATTENTION is set on some nodes only); make the nodes alike or force one backend "
-                             "with model_overrides.attn_backend:\n  " + "\n  ".join(lines))
+        lines = [
+            f"rank {r} on {host}: attention {k['attention']}, resnet {k['resnet']}"
+            for r, (k, host) in enumerate(everyone)
+        ]
+        raise KernelMismatch(
+            "ranks would run different kernels (a node's CUDA extension or Triton differs, or "
+            "OFA_DS_ATTENTION is set on some nodes only); make the nodes alike or force one backend "
+            "with model_overrides.attn_backend:\n  " + "\n  ".join(lines)
+        )
     return mine
 
 
@@ -227,8 +163,17 @@ def as_pipeline(model: OFAModel, ds: dict, groups: Groups, num_tasks: int):
     return pipeline_module(model, groups, loss, groups.layout.pipeline_partition)
 
 
-ARCH = ("embed_dim", "ffn_dim", "heads", "encoder_layers", "decoder_layers", "resnet", "token_bucket_size",
-        "image_bucket_size", "max_positions")
+ARCH = (
+    "embed_dim",
+    "ffn_dim",
+    "heads",
+    "encoder_layers",
+    "decoder_layers",
+    "resnet",
+    "token_bucket_size",
+    "image_bucket_size",
+    "max_positions",
+)
 
 
 def init_state_dict(path: str | Path, cfg: ModelConfig) -> dict:
@@ -237,8 +182,11 @@ def init_state_dict(path: str | Path, cfg: ModelConfig) -> dict:
     from ofa_ds.model.convert import CheckpointError, load_any, resize_vocab
 
     src, sd = load_any(path)
-    diffs = [f"{k}: {getattr(src, k)!r} in the checkpoint, {getattr(cfg, k)!r} in this run"
-             for k in ARCH if getattr(src, k) != getattr(cfg, k)]
+    diffs = [
+        f"{k}: {getattr(src, k)!r} in the checkpoint, {getattr(cfg, k)!r} in this run"
+        for k in ARCH
+        if getattr(src, k) != getattr(cfg, k)
+    ]
     if diffs:
         raise CheckpointError(f"init_from {path} has another architecture:\n  " + "\n  ".join(diffs))
     return resize_vocab(sd, cfg.vocab_size)
@@ -338,8 +286,15 @@ def nll_function(groups: Groups):
     return tensor_parallel_nll if groups.tp_size > 1 else token_nll
 
 
-def train_step(engine, micro_batches: list[dict], *, model_cfg: ModelConfig, num_tasks: int,
-               groups: Groups, times: dict | None = None) -> StepStats:
+def train_step(
+    engine,
+    micro_batches: list[dict],
+    *,
+    model_cfg: ModelConfig,
+    num_tasks: int,
+    groups: Groups,
+    times: dict | None = None,
+) -> StepStats:
     """One optimizer update over this rank's micro-batches (forward v1 and v2, backward, DeepSpeed step). The ranks
     of a TP group see the same micro-batches and compute the same loss; sums run over the data-parallel group.
     With `times` (the benchmark's), the accelerator is synchronised around each phase and its seconds are added
@@ -360,11 +315,18 @@ def train_step(engine, micro_batches: list[dict], *, model_cfg: ModelConfig, num
         from ofa_ds.train import pipe_step
 
         t = _lap(times)
-        parts, tasks = pipe_step.train_step(engine, micro_batches, model_cfg=model_cfg, num_tasks=num_tasks,
-                                            groups=groups, head=head, dtype=dtype)
+        parts, tasks = pipe_step.train_step(
+            engine, micro_batches, model_cfg=model_cfg, num_tasks=num_tasks, groups=groups, head=head, dtype=dtype
+        )
         _lap(times, "pipeline", t)
-        return StepStats(loss=float(parts.sum()), stream_loss=parts.tolist(), task_nll=tasks, tokens=n_tokens.tolist(),
-                         examples=float(head[2]), flops=float(head[3]))
+        return StepStats(
+            loss=float(parts.sum()),
+            stream_loss=parts.tolist(),
+            task_nll=tasks,
+            tokens=n_tokens.tolist(),
+            examples=float(head[2]),
+            flops=float(head[3]),
+        )
 
     parts = torch.zeros(2, dtype=torch.float64, device=device)
     tasks = torch.zeros(2, num_tasks, dtype=torch.float64, device=device)
@@ -389,8 +351,14 @@ def train_step(engine, micro_batches: list[dict], *, model_cfg: ModelConfig, num
     engine.step()
     _lap(times, "optimizer", t)
     tail = _all_reduce(torch.cat([parts, tasks.flatten()]), device, groups.dp_group)
-    return StepStats(loss=float(tail[:2].sum()), stream_loss=tail[:2].tolist(), task_nll=tail[2:].view(2, num_tasks),
-                     tokens=n_tokens.tolist(), examples=float(head[2]), flops=float(head[3]))
+    return StepStats(
+        loss=float(tail[:2].sum()),
+        stream_loss=tail[:2].tolist(),
+        task_nll=tail[2:].view(2, num_tasks),
+        tokens=n_tokens.tolist(),
+        examples=float(head[2]),
+        flops=float(head[3]),
+    )
 
 
 def _lap(times: dict | None, phase: str | None = None, since: float = 0.0) -> float:
@@ -441,7 +409,23 @@ def loss_scale(engine) -> float | None:
     return engine.optimizer.loss_scaler.cur_scale if engine.fp16_enabled() else None
 
 
-__all__ = ["load_ds_config", "ds_config", "check_accelerator", "zero_stage", "precision", "world_size", "local_rank",
-           "init_distributed", "cpu_threads_per_rank", "KernelMismatch", "kernels_in_use", "agree_on_kernels",
-           "build_model", "as_pipeline", "init_state_dict", "load_init", "load_weights", "initialize", "StepStats",
-           "train_step", "eval_sums", "nll_function", "loss_scale"]
+__all__ = [
+    "world_size",
+    "local_rank",
+    "init_distributed",
+    "cpu_threads_per_rank",
+    "KernelMismatch",
+    "kernels_in_use",
+    "agree_on_kernels",
+    "build_model",
+    "as_pipeline",
+    "init_state_dict",
+    "load_init",
+    "load_weights",
+    "initialize",
+    "StepStats",
+    "train_step",
+    "eval_sums",
+    "nll_function",
+    "loss_scale",
+]

@@ -4,6 +4,7 @@ and whether NVIDIA apex is present.
 
 Run it on every node of a cluster before the first launch; `--json` prints the same as one JSON object.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -15,8 +16,18 @@ from pathlib import Path
 
 from ofa_ds.dependencies import check_installed
 
-PACKAGES = ("ofa-ds", "torch", "deepspeed", "megatron-core", "triton", "numpy", "pyarrow", "sentencepiece",
-            "safetensors", "tensorboard")
+PACKAGES = (
+    "ofa-ds",
+    "torch",
+    "deepspeed",
+    "megatron-core",
+    "triton",
+    "numpy",
+    "pyarrow",
+    "sentencepiece",
+    "safetensors",
+    "tensorboard",
+)
 DS_OPS = ("fused_adam", "cpu_adam", "deepspeed_shm_comm")  # the DeepSpeed ops pretraining can use
 ENV_PREFIXES = ("DS_ACCELERATOR", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "NCCL_", "MASTER_", "TORCH_EXTENSIONS_DIR")
 
@@ -39,17 +50,27 @@ def report() -> dict:
             versions[name] = "not installed"
     devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     accelerator = {
-        "deepspeed_accelerator": acc.device_name(), "devices": devices or [f"cpu ({os.cpu_count()} cores)"],
+        "deepspeed_accelerator": acc.device_name(),
+        "devices": devices or [f"cpu ({os.cpu_count()} cores)"],
         "cpu": cpu_model(),
-        "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
-        "bf16": acc.is_bf16_supported(), "fp16": bool(acc.is_fp16_supported()),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+        "bf16": acc.is_bf16_supported(),
+        "fp16": bool(acc.is_fp16_supported()),
     }
-    backend = {"pretrain_uses": "nccl" if acc.device_name() == "cuda" else "gloo",
-               "available": [b for b in ("nccl", "gloo", "mpi") if getattr(dist, f"is_{b}_available")()]}
+    backend = {
+        "pretrain_uses": "nccl" if acc.device_name() == "cuda" else "gloo",
+        "available": [b for b in ("nccl", "gloo", "mpi") if getattr(dist, f"is_{b}_available")()],
+    }
     dependencies = {"outside_tested_ranges": check_installed(), "apex": apex_status()}
-    return {"versions": versions, "dependencies": dependencies, "accelerator": accelerator, "backend": backend,
-            "extensions": extensions(), "environment": {k: v for k, v in sorted(os.environ.items())
-                                                        if k.startswith(ENV_PREFIXES)}}
+    return {
+        "versions": versions,
+        "dependencies": dependencies,
+        "accelerator": accelerator,
+        "backend": backend,
+        "extensions": extensions(),
+        "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
+    }
 
 
 def apex_status() -> str:
@@ -93,8 +114,11 @@ def extensions() -> dict:
     from ofa_ds.kernels.resnet.cuda_ext import extension_status
 
     out = {}
-    builders = {"fused_adam": "FusedAdamBuilder", "cpu_adam": "CPUAdamBuilder",
-                "deepspeed_shm_comm": "ShareMemCommBuilder"}
+    builders = {
+        "fused_adam": "FusedAdamBuilder",
+        "cpu_adam": "CPUAdamBuilder",
+        "deepspeed_shm_comm": "ShareMemCommBuilder",
+    }
     for op in DS_OPS:
         builder = get_accelerator().create_op_builder(builders[op])
         if builder is None:

@@ -8,6 +8,7 @@ the fp32 master weights gathered from the ZeRO shards (DeepSpeed's zero_to_fp32)
 joined over the TP ranks, with the model's buffers; the model config comes from the checkpoint's meta.json. Needs
 no process group or GPU.
 """
+
 from __future__ import annotations
 
 import sys
@@ -17,7 +18,6 @@ import torch
 
 from ofa_ds.config import ConfigError, ModelConfig
 from ofa_ds.model.convert import CheckpointError
-
 
 MASTER = "fp32"
 OPTIM_SUFFIX = "_optim_states.pt"
@@ -127,7 +127,7 @@ def _pipeline_tensors(tag_dir: Path, tp_rank: int) -> dict:
 
     out = {}
     for f in sorted(tag_dir.glob(f"layer_*-model_{tp_rank:02d}-model_states.pt")):
-        index = int(f.name.split("-")[0][len("layer_"):])
+        index = int(f.name.split("-")[0][len("layer_") :])
         prefix = TIED if index == 0 else f"{index}."
         out.update({prefix + k: v for k, v in load(f).items()})
     return out

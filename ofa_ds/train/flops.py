@@ -9,6 +9,7 @@ runs on: examples that share an image (a VL row's two) share its ResNet pass.
 Attention counts the full (B, H, Tq, Tk) score matrix, causal or not, with q/k widened by the absolute-
 position channels (`[q, q_pos] . [k, k_pos]`: 2 * head_dim per head).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple

@@ -6,6 +6,7 @@ ofa_base at 384 px (benchmarks/model_step.py, one thread) that is 15-25% of the 
 torch's own CPU launcher (torch.backends.xeon.run_cpu) preloads jemalloc or tcmalloc for this; glibc's mallopt
 does it without a dependency. GPU training is unaffected (its activations are on the device).
 """
+
 from __future__ import annotations
 
 import ctypes

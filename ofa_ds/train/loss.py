@@ -10,6 +10,7 @@ whatever the split. A step without any v2 example is `sum_v1 / n_v1` alone, as O
 `token_nll` is the only function that sees the vocabulary dimension: a vocabulary-parallel cross-entropy
 (same inputs, logits sharded over V) replaces it without touching the rest.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,9 @@ def token_nll(logits: torch.Tensor, target: torch.Tensor, pad: int) -> torch.Ten
 
 def count_tokens(batch: dict, pad: int) -> torch.Tensor:
     """Non-pad target tokens of each stream of one micro-batch: (2,) float64 [v1, v2]."""
-    return torch.tensor([0.0 if batch.get(s) is None else float(batch[s]["target"].ne(pad).sum()) for s in STREAMS],
-                        dtype=torch.float64)
+    return torch.tensor(
+        [0.0 if batch.get(s) is None else float(batch[s]["target"].ne(pad).sum()) for s in STREAMS], dtype=torch.float64
+    )
 
 
 def weighted_sum(nll: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

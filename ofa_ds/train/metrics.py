@@ -9,6 +9,7 @@ Only rank 0 writes. Scalar names (also the JSON keys):
   perf/tflops (achieved per device, analytic FLOPs), perf/mfu (against perf_peak_tflops), perf/mem_gb
   val/loss, val/loss_v1, val/loss_v2, val/nll/<task>
 """
+
 from __future__ import annotations
 
 import json
@@ -69,8 +70,14 @@ class Metrics:
         # purge_step drops the events a resumed run is about to rewrite
         self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=start_step + 1 if start_step else None)
         self.jsonl = open(out_dir / "metrics.jsonl", "a")
-        self.bar = tqdm(total=steps, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True,
-                        mininterval=1.0 if sys.stderr.isatty() else 30.0)
+        self.bar = tqdm(
+            total=steps,
+            initial=start_step,
+            desc="pretrain",
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=1.0 if sys.stderr.isatty() else 30.0,
+        )
         self.shown: dict[str, str] = {}  # the bar's fields; v2 and tokens/s keep their last value between updates
 
     def log(self, step: int, scalars: dict) -> None:

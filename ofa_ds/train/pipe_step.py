@@ -5,6 +5,7 @@ micro-batch, so the engine runs as many as the step has streams; the stages of a
 agree on that number. The loss is the one of loss.py: the last stage turns each stream's logits into its share of
 the step loss, normalised by the step's global token counts, which travel with the labels.
 """
+
 from __future__ import annotations
 
 import torch

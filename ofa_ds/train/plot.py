@@ -6,6 +6,7 @@
 One PNG per panel: losses per stream (train v1/v2, validation), losses per task (train and validation nll), learning
 rate, throughput (samples/s, tokens/s) and MFU. A resumed run's later lines replace the earlier ones of a step.
 """
+
 from __future__ import annotations
 
 import json

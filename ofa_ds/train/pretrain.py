@@ -13,9 +13,9 @@ A checkpoint is written every train.save_every updates, at the end, and when any
 SIGINT (after the update in progress). A non-finite loss (or, outside fp16, gradient norm) stops the run
 without saving, so `latest` stays on the last good checkpoint.
 """
+
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import math
@@ -25,134 +25,15 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from ofa_ds.config import ConfigError, ModelConfig, RunConfig, load_dict, parse_yaml, save_dict
+from ofa_ds.config import ConfigError, save_dict
+from ofa_ds.train.ds_json import precision
+from ofa_ds.train.prepare import Plan, add_arguments, prepare
 
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", type=Path, help="run config (YAML or JSON), e.g. configs/pretrain/quickstart.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="override a run-config key (dotted, value in YAML), e.g. train.steps=100, "
-                        "model_overrides.dropout=0.0; repeatable")
-    p.add_argument("--out-dir", help="same as --set out_dir=...")
-    p.add_argument("--init-from", help="OFA checkpoint (.pt) or ofa_ds export (.safetensors); same as --set init_from=...")
-    p.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
-                   help="continue from CHECKPOINT (a run directory, its checkpoints/ or one step_* directory); "
-                        "without a value, from OUT_DIR if it has a checkpoint, else start fresh")
-    p.add_argument("--change-geometry", action="store_true",
-                   help="with --resume: accept a changed " + ", ".join(GEOMETRY) + ". The lr schedule is re-drawn "
-                        "over the new train.steps from the current step; a new batch size changes the rows per update "
-                        "from the next update on (the rows already consumed stay consumed); a new data.seed reshuffles "
-                        "the rows, so rows already seen may come again and unseen ones be skipped")
-    p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by `deepspeed` without --no_local_rank
-
-
-# Run-config keys that fix the schedule and the order of the data: a resume that changes them is refused unless
-# --change-geometry accepts the change.
-GEOMETRY = ("train.steps", "train.global_batch", "train.micro_batch", "data.seed")
-
-
-def load_run_config(path: Path, overrides: list[str]) -> RunConfig:
-    d = load_dict(path)
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        node = d
-        *parents, leaf = key.split(".")
-        for k in parents:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {k} is not a section")
-        node[leaf] = parse_yaml(value, f"--set {key}")
-    return RunConfig.from_dict(d)
-
-
-# ---------------------------------------------------------------------------------------------------- checks
-
-
-@dataclass
-class Plan:
-    """Everything decided before the process group starts."""
-
-    run: RunConfig
-    model: ModelConfig
-    ds: dict
-    out_dir: Path
-    corpus: object
-    val_corpus: object | None
-    tokenizer: object
-    resume: Path | None  # tag directory
-    relayout: bool = False  # resume from its universal form (another layout or world size)
-
-
-def prepare(args, data: bool = True) -> Plan:
-    """The run's plan, checked; without `data` (the benchmark's synthetic batches) no corpus or tokenizer."""
-    from ofa_ds.data.shards import Corpus, CorpusError
-    from ofa_ds.data.tokenizer import load_tokenizer
-    from ofa_ds.model.convert import CheckpointError
-    from ofa_ds.train import checkpoint, safe_load, universal
-    from ofa_ds.train.engine import check_accelerator, ds_config, load_ds_config, world_size, zero_stage
-
-    overrides = list(args.overrides)
-    overrides += [f"out_dir={args.out_dir}"] if args.out_dir else []
-    overrides += [f"init_from={args.init_from}"] if args.init_from else []
-    run = load_run_config(args.config, overrides)
-    for key in ("deepspeed", "corpus", "val_corpus", "init_from"):
-        path = getattr(run, key)
-        if path and (data or key in ("deepspeed", "init_from")) and not Path(path).exists():
-            relative = not Path(path).is_absolute()
-            where = f" (relative paths resolve from the working directory, {Path.cwd()})" if relative else ""
-            raise ConfigError(f"{key}: {path} does not exist{where}")
-    model = run.model_config()
-    ws = world_size()
-    ds = load_ds_config(run.deepspeed)
-    run.parallel.check(model, ws, zero_stage(ds))
-    ds = ds_config(ds, run.train, run.parallel.data_parallel(ws), run.deepspeed, run.parallel.pipeline)
-    check_accelerator(ds, run.deepspeed)
-    corpora = []
-    for key in ("corpus", "val_corpus"):
-        path = getattr(run, key) if data else None
-        try:
-            corpora.append(None if path is None else Corpus(path))
-        except CorpusError as e:
-            raise ConfigError(f"{key}: {e}") from None
-        if corpora[-1] is not None and len(corpora[-1].vl) == 0:
-            raise ConfigError(f"{key}: {path} has no VL rows; every batch is drawn from them")
-    tokenizer = None
-    if data:
-        tokenizer = load_tokenizer(run.data.tokenizer, num_codes=run.data.num_codes, num_bins=run.data.num_bins,
-                                   vocab_size=model.vocab_size)
-    if run.init_from and not Path(run.init_from).is_file():
-        raise ConfigError(f"init_from: {run.init_from} is not a file")
-
-    out_dir = Path(run.out_dir)
-    resume, relayout = None, False
-    if args.resume is not None:
-        if args.resume or checkpoint.complete_tags(out_dir / "checkpoints"):
-            resume = checkpoint.find(args.resume or out_dir)
-            try:
-                safe_load.check(resume)  # on every rank, before anything is loaded
-            except CheckpointError as e:
-                raise ConfigError(str(e)) from None
-            diffs, relayout = checkpoint.check_resumable(checkpoint.read_meta(resume), run.to_dict(), model.to_dict(),
-                                                         ws, resume, run.parallel.describe(ws), universal.exists(resume))
-            geometry = [d for d in diffs if d.split(":")[0] in GEOMETRY]
-            if geometry and not args.change_geometry:
-                raise ConfigError(f"{resume} was written with another schedule or data order (checkpoint -> this run):"
-                                  "\n  " + "\n  ".join(geometry) + "\nresume with the checkpoint's values, or pass "
-                                  "--change-geometry to continue with the new ones (see --help)")
-            if diffs and int(os.environ.get("RANK", "0")) == 0:
-                print(f"resuming {resume} with a changed run config:\n  " + "\n  ".join(diffs), file=sys.stderr)
-    elif checkpoint.complete_tags(out_dir / "checkpoints"):
-        raise ConfigError(f"out_dir {out_dir} already has checkpoints: pass --resume to continue, or another out_dir")
-    return Plan(run, model, ds, out_dir, corpora[0], corpora[1], tokenizer, resume, relayout)
-
+__all__ = ["add_arguments", "run", "Trainer"]  # the CLI's subcommand: prepare's arguments, this run
 
 # ---------------------------------------------------------------------------------------------------- signals
 
@@ -257,8 +138,9 @@ class Trainer:
         self.kernels = eng.agree_on_kernels(plan.model, torch.device(get_accelerator().current_device_name()))
         from ofa_ds.parallel import checkpointing
 
-        model = eng.build_model(plan.model, plan.ds, self.train.seed, self.groups,
-                                checkpointing.every(self.train.activation_checkpointing))
+        model = eng.build_model(
+            plan.model, plan.ds, self.train.seed, self.groups, checkpointing.every(self.train.activation_checkpointing)
+        )
         if self.run_cfg.init_from and plan.resume is None:
             eng.load_init(model, self.run_cfg.init_from, plan.model, self.groups)
         if plan.relayout:
@@ -285,7 +167,7 @@ class Trainer:
             torch.manual_seed(seed)
             random.seed(seed)
             np.random.seed(seed)
-        self.peak, self.peak_source = peak_tflops(self.train.peak_tflops, eng.precision(plan.ds))
+        self.peak, self.peak_source = peak_tflops(self.train.peak_tflops, precision(plan.ds))
 
     # ------------------------------------------------------------------------------------------------ loop
 
@@ -300,8 +182,15 @@ class Trainer:
             print(self.summary(), flush=True)
         self.metrics = Metrics(plan.out_dir, rank=self.rank, steps=train.steps, start_step=self.step)
         stop = StopRequest()
-        loader = build_loader(plan.corpus, plan.tokenizer, self.run_cfg.data, dp_rank=self.dp_rank, dp_size=self.dp,
-                              micro_batch=train.micro_batch, consumed_samples=self.consumed)
+        loader = build_loader(
+            plan.corpus,
+            plan.tokenizer,
+            self.run_cfg.data,
+            dp_rank=self.dp_rank,
+            dp_size=self.dp,
+            micro_batch=train.micro_batch,
+            consumed_samples=self.consumed,
+        )
         batches = iter(loader)
         gas = train.accumulation(self.dp)
         validate = train.eval_every > 0 and plan.val_corpus is not None
@@ -320,19 +209,22 @@ class Trainer:
                     break
                 lr = self.lr(self.step + 1)
                 schedule.set_lr(self.engine.optimizer, lr)
-                stats = train_step(self.engine, micro, model_cfg=plan.model, num_tasks=len(self.tasks),
-                                   groups=self.groups)
+                stats = train_step(
+                    self.engine, micro, model_cfg=plan.model, num_tasks=len(self.tasks), groups=self.groups
+                )
                 self.step += 1
                 self.consumed += train.global_batch
                 self._check_finite(stats)
-                window += torch.tensor([stats.flops, stats.examples, sum(stats.tokens), 1.0, waited],
-                                       dtype=torch.float64)
+                window += torch.tensor(
+                    [stats.flops, stats.examples, sum(stats.tokens), 1.0, waited], dtype=torch.float64
+                )
                 if self.step % train.log_every == 0 or self.step in (start + 1, train.steps):
                     now = time.perf_counter()
                     self._log(stats, lr, window, now - t_last)
                     t_last, window = now, torch.zeros_like(window)
-                self.metrics.advance(self.step, stats.stream_loss[0], stats.stream_loss[1] if stats.tokens[1] else None,
-                                     lr)
+                self.metrics.advance(
+                    self.step, stats.stream_loss[0], stats.stream_loss[1] if stats.tokens[1] else None, lr
+                )
                 t0 = time.perf_counter()
                 if validate and self.step % train.eval_every == 0:
                     self.evaluate()
@@ -345,8 +237,10 @@ class Trainer:
         finally:
             self.metrics.close()
         where = (plan.out_dir / "checkpoints").resolve()
-        self.metrics.print(f"done at step {self.step}: checkpoint {where}/latest, tensorboard --logdir "
-                           f"{(plan.out_dir / 'tb').resolve()}, metrics {(plan.out_dir / 'metrics.jsonl').resolve()}")
+        self.metrics.print(
+            f"done at step {self.step}: checkpoint {where}/latest, tensorboard --logdir "
+            f"{(plan.out_dir / 'tb').resolve()}, metrics {(plan.out_dir / 'metrics.jsonl').resolve()}"
+        )
         return 0
 
     def lr(self, t: int) -> float:
@@ -354,8 +248,14 @@ class Trainer:
         from ofa_ds.train import schedule
 
         t_cfg = self.train
-        return schedule.lr_at(t, peak=self.plan.ds["optimizer"]["params"]["lr"], steps=t_cfg.steps,
-                              warmup_ratio=t_cfg.warmup_ratio, power=t_cfg.lr_power, end_lr=t_cfg.end_lr)
+        return schedule.lr_at(
+            t,
+            peak=self.plan.ds["optimizer"]["params"]["lr"],
+            steps=t_cfg.steps,
+            warmup_ratio=t_cfg.warmup_ratio,
+            power=t_cfg.lr_power,
+            end_lr=t_cfg.end_lr,
+        )
 
     def _fetch(self, batches, n: int):
         """n micro-batches, or the error if the loader failed (e.g. its workers were signalled)."""
@@ -393,8 +293,10 @@ class Trainer:
         if bad:
             latest = self.plan.out_dir / "checkpoints" / "latest"
             last = latest.read_text().strip() if latest.is_file() else "none"
-            raise Diverged(f"step {self.step}: non-finite loss {stats.loss} or gradient norm {norm}; stopping without "
-                           f"saving (last good checkpoint: {last})")
+            raise Diverged(
+                f"step {self.step}: non-finite loss {stats.loss} or gradient norm {norm}; stopping without "
+                f"saving (last good checkpoint: {last})"
+            )
 
     # ------------------------------------------------------------------------------------------------ reporting
 
@@ -405,11 +307,15 @@ class Trainer:
         from ofa_ds.train.engine import loss_scale
         from ofa_ds.train.metrics import memory_gb
 
-        scalars = {"train/loss": stats.loss, "train/loss_v1": stats.stream_loss[0],
-                   "train/loss_v2": stats.stream_loss[1] if stats.tokens[1] else None,
-                   "train/lr": lr, "train/grad_norm": _float(self.engine.get_global_grad_norm()),
-                   "train/loss_scale": loss_scale(self.engine),
-                   "train/skipped_updates": self.engine.skipped_steps if self.engine.fp16_enabled() else None}
+        scalars = {
+            "train/loss": stats.loss,
+            "train/loss_v1": stats.stream_loss[0],
+            "train/loss_v2": stats.stream_loss[1] if stats.tokens[1] else None,
+            "train/lr": lr,
+            "train/grad_norm": _float(self.engine.get_global_grad_norm()),
+            "train/loss_scale": loss_scale(self.engine),
+            "train/skipped_updates": self.engine.skipped_steps if self.engine.fp16_enabled() else None,
+        }
         for i, name in enumerate(self.tasks):
             if stats.task_nll[1, i] > 0:
                 scalars[f"train/nll/{name}"] = float(stats.task_nll[0, i] / stats.task_nll[1, i])
@@ -417,10 +323,17 @@ class Trainer:
         waited = torch.tensor(waited / updates, device=self.engine.device)
         dist.all_reduce(waited, op=dist.ReduceOp.MAX)  # the slowest rank's loader holds every rank up
         tflops = flops / seconds / self.world / 1e12
-        scalars.update({"perf/step_s": seconds / updates, "perf/samples_per_s": examples / seconds,
-                        "perf/tokens_per_s": tokens / seconds, "perf/data_wait_s": float(waited),
-                        "perf/tflops": tflops, "perf/mfu": tflops / self.peak if self.peak else None,
-                        "perf/mem_gb": memory_gb()})
+        scalars.update(
+            {
+                "perf/step_s": seconds / updates,
+                "perf/samples_per_s": examples / seconds,
+                "perf/tokens_per_s": tokens / seconds,
+                "perf/data_wait_s": float(waited),
+                "perf/tflops": tflops,
+                "perf/mfu": tflops / self.peak if self.peak else None,
+                "perf/mem_gb": memory_gb(),
+            }
+        )
         self.metrics.log(self.step, scalars)
 
     def evaluate(self) -> None:
@@ -429,15 +342,30 @@ class Trainer:
         from ofa_ds.train.engine import eval_sums
 
         rng = checkpoint.rng_state()  # validation must not change what training draws next
-        loader = build_loader(self.plan.val_corpus, self.plan.tokenizer, self.run_cfg.data, dp_rank=self.dp_rank,
-                              dp_size=self.dp, micro_batch=self.train.micro_batch, num_workers=0)
+        loader = build_loader(
+            self.plan.val_corpus,
+            self.plan.tokenizer,
+            self.run_cfg.data,
+            dp_rank=self.dp_rank,
+            dp_size=self.dp,
+            micro_batch=self.train.micro_batch,
+            num_workers=0,
+        )
         it = iter(loader)
-        sums = eval_sums(self.engine, [next(it) for _ in range(self.train.eval_batches)], model_cfg=self.plan.model,
-                         num_tasks=len(self.tasks), groups=self.groups)
+        sums = eval_sums(
+            self.engine,
+            [next(it) for _ in range(self.train.eval_batches)],
+            model_cfg=self.plan.model,
+            num_tasks=len(self.tasks),
+            groups=self.groups,
+        )
         checkpoint.set_rng_state(rng)
         streams = [float(sums[0, i] / sums[1, i]) if sums[1, i] > 0 else None for i in range(2)]
-        scalars = {"val/loss": sum(v for v in streams if v is not None), "val/loss_v1": streams[0],
-                   "val/loss_v2": streams[1]}
+        scalars = {
+            "val/loss": sum(v for v in streams if v is not None),
+            "val/loss_v1": streams[0],
+            "val/loss_v2": streams[1],
+        }
         for i, name in enumerate(self.tasks):
             if sums[1, 2 + i] > 0:
                 scalars[f"val/nll/{name}"] = float(sums[0, 2 + i] / sums[1, 2 + i])
@@ -448,10 +376,18 @@ class Trainer:
         from ofa_ds.train import checkpoint
 
         run = self.run_cfg.to_dict()
-        meta = {"step": self.step, "consumed_samples": self.consumed,
-                "world_size": self.world, "parallel": self.run_cfg.parallel.describe(self.world), "model": self.plan.model.to_dict(), "config": run,
-                "config_hash": checkpoint.config_hash(run), "model_hash": checkpoint.config_hash(self.plan.model.to_dict()),
-                "ds_config": self.plan.ds, "time": time.time()}
+        meta = {
+            "step": self.step,
+            "consumed_samples": self.consumed,
+            "world_size": self.world,
+            "parallel": self.run_cfg.parallel.describe(self.world),
+            "model": self.plan.model.to_dict(),
+            "config": run,
+            "config_hash": checkpoint.config_hash(run),
+            "model_hash": checkpoint.config_hash(self.plan.model.to_dict()),
+            "ds_config": self.plan.ds,
+            "time": time.time(),
+        }
         t0 = time.perf_counter()
         tag_dir = checkpoint.save(self.engine, self.plan.out_dir / "checkpoints", meta, self.train.keep_last)
         seconds = time.perf_counter() - t0  # what a pre-emption's grace period must cover (launch/README.md)
@@ -460,7 +396,7 @@ class Trainer:
 
     def summary(self) -> str:
         from ofa_ds.model.ofa import OFAModel
-        from ofa_ds.train.engine import precision, zero_stage
+        from ofa_ds.train.ds_json import zero_stage
         from ofa_ds.train.flops import StreamShape, train_flops
         from ofa_ds.train.metrics import summary
 
@@ -471,38 +407,82 @@ class Trainer:
         nodes = int(os.environ.get("CROSS_SIZE", os.environ.get("GROUP_WORLD_SIZE", "1")))
         per_node = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", self.world // nodes)))
         opt = ds["optimizer"].get("params", {})
-        offload = [k for k in ("offload_param", "offload_optimizer")
-                   if ds["zero_optimization"].get(k, {}).get("device", "none") != "none"]
+        offload = [
+            k
+            for k in ("offload_param", "offload_optimizer")
+            if ds["zero_optimization"].get(k, {}).get("device", "none") != "none"
+        ]
         c = p.corpus
-        data = f"{p.run.corpus}: {len(c.vl):,} VL, {len(c.text):,} text, {len(c.image):,} image, {len(c.detection):,} detection rows"
+        data = (
+            f"{p.run.corpus}: {len(c.vl):,} VL, {len(c.text):,} text, {len(c.image):,} image, "
+            f"{len(c.detection):,} detection rows"
+        )
         if p.val_corpus is not None:
             data += f"; validation {p.run.val_corpus}: {len(p.val_corpus.vl):,} VL rows"
         d = p.run.data
-        one_row = train_flops(m, [StreamShape(2, d.image_size, d.sample_patch_num if d.sample_patch_num > 0 else
-                                              (d.image_size // 16) ** 2, 32, 16, images=1)])
+        one_row = train_flops(
+            m,
+            [
+                StreamShape(
+                    2,
+                    d.image_size,
+                    d.sample_patch_num if d.sample_patch_num > 0 else (d.image_size // 16) ** 2,
+                    32,
+                    16,
+                    images=1,
+                )
+            ],
+        )
         rows = [
-            ("model", f"{m.name}: {params:,} parameters, {here:,} on rank 0 before ZeRO (d={m.embed_dim}, {m.encoder_layers}+{m.decoder_layers} layers, "
-                      f"{m.heads} heads, {m.resnet}, V={m.vocab_size}, bn {m.bn_mode})"),
-            ("parallel", f"{p.run.parallel.describe(self.world)} = {self.world} rank(s) on {nodes} node(s) of "
-                         f"{per_node}, {self.backend}, sequence parallel {'on' if p.run.parallel.sequence_parallel else 'off'}, device {self.engine.device}, activation checkpointing "
-                         f"{t.activation_checkpointing}; "
-                         f"kernels: attention {self.kernels['attention']}, "
-                         f"resnet {self.kernels['resnet']} (the same on every rank)"),
-            ("deepspeed", f"{p.run.deepspeed}: ZeRO stage {zero_stage(ds)}, {precision(ds)}"
-                          + (f", offload {'+'.join(offload)}" if offload else "")
-                          + f", {type(self.engine.basic_optimizer).__name__} lr {opt.get('lr')} betas {opt.get('betas')} "
-                          f"eps {opt.get('eps')} wd {opt.get('weight_decay')}, clip {ds['gradient_clipping']}"),
-            ("batch", f"{t.global_batch} VL rows/update = {t.micro_batch} per rank x {self.dp} data-parallel rank(s) x "
-                      f"{t.accumulation(self.dp)} accumulation (each row: 2 v1 examples; 8th rows add 4 v2)"),
-            ("schedule", f"{t.steps} updates, warmup {int(t.warmup_ratio * t.steps)}, decay power {t.lr_power} to "
-                         f"{t.end_lr}" + (f", resuming at {self.step} from {p.resume}" + (" (universal)" if p.relayout else "")
-                                            if p.resume else "")
-                         + (f", init from {p.run.init_from}" if p.run.init_from and not p.resume else "")),
+            (
+                "model",
+                f"{m.name}: {params:,} parameters, {here:,} on rank 0 before ZeRO "
+                f"(d={m.embed_dim}, {m.encoder_layers}+{m.decoder_layers} layers, "
+                f"{m.heads} heads, {m.resnet}, V={m.vocab_size}, bn {m.bn_mode})",
+            ),
+            (
+                "parallel",
+                f"{p.run.parallel.describe(self.world)} = {self.world} rank(s) on {nodes} node(s) of "
+                f"{per_node}, {self.backend}, sequence parallel {'on' if p.run.parallel.sequence_parallel else 'off'}, "
+                f"device {self.engine.device}, activation checkpointing "
+                f"{t.activation_checkpointing}; "
+                f"kernels: attention {self.kernels['attention']}, "
+                f"resnet {self.kernels['resnet']} (the same on every rank)",
+            ),
+            (
+                "deepspeed",
+                f"{p.run.deepspeed}: ZeRO stage {zero_stage(ds)}, {precision(ds)}"
+                + (f", offload {'+'.join(offload)}" if offload else "")
+                + f", {type(self.engine.basic_optimizer).__name__} lr {opt.get('lr')} betas {opt.get('betas')} "
+                f"eps {opt.get('eps')} wd {opt.get('weight_decay')}, clip {ds['gradient_clipping']}",
+            ),
+            (
+                "batch",
+                f"{t.global_batch} VL rows/update = {t.micro_batch} per rank x {self.dp} data-parallel rank(s) x "
+                f"{t.accumulation(self.dp)} accumulation (each row: 2 v1 examples; 8th rows add 4 v2)",
+            ),
+            (
+                "schedule",
+                f"{t.steps} updates, warmup {int(t.warmup_ratio * t.steps)}, decay power {t.lr_power} to "
+                f"{t.end_lr}"
+                + (
+                    f", resuming at {self.step} from {p.resume}" + (" (universal)" if p.relayout else "")
+                    if p.resume
+                    else ""
+                )
+                + (f", init from {p.run.init_from}" if p.run.init_from and not p.resume else ""),
+            ),
             ("data", data + f"; tokenizer {d.tokenizer} (V={p.tokenizer.vocab_size})"),
-            ("flops", f"~{one_row / 1e9:.2f} GFLOP per VL row (analytic); peak "
-                      + (f"{self.peak:.3g} TFLOP/s per device ({self.peak_source})" if self.peak else self.peak_source)),
-            ("output", f"{p.out_dir}: checkpoints every {t.save_every} (keep {t.keep_last}), tb/, metrics.jsonl, "
-                       "logs/ (DeepSpeed's own messages)"),
+            (
+                "flops",
+                f"~{one_row / 1e9:.2f} GFLOP per VL row (analytic); peak "
+                + (f"{self.peak:.3g} TFLOP/s per device ({self.peak_source})" if self.peak else self.peak_source),
+            ),
+            (
+                "output",
+                f"{p.out_dir}: checkpoints every {t.save_every} (keep {t.keep_last}), tb/, metrics.jsonl, "
+                "logs/ (DeepSpeed's own messages)",
+            ),
         ]
         return summary(rows)
 

@@ -5,6 +5,7 @@ simply taken over); the file names the holder (host, PID, start time) for the re
 launch's rank 0 before the process group starts; on filesystems without flock support the lock is skipped with a
 warning rather than refusing every run.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -38,12 +39,14 @@ def acquire(out_dir: Path) -> RunLock | None:
     except BlockingIOError:
         holder = _holder(fd)
         os.close(fd)
-        raise ConfigError(f"{out_dir} is in use by another run ({holder}); wait for it to end or pick another "
-                          f"out_dir") from None
+        raise ConfigError(
+            f"{out_dir} is in use by another run ({holder}); wait for it to end or pick another out_dir"
+        ) from None
     except OSError as e:
         os.close(fd)
-        print(f"warning: {path}: cannot lock ({e.strerror}); not guarding {out_dir} against a second run",
-              file=sys.stderr)
+        print(
+            f"warning: {path}: cannot lock ({e.strerror}); not guarding {out_dir} against a second run", file=sys.stderr
+        )
         return None
     info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     os.ftruncate(fd, 0)

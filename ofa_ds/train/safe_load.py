@@ -10,6 +10,7 @@ allowlist of the few non-tensor types DeepSpeed pickles into its files:
 - `safe_torch_load()`: DeepSpeed's zero_to_fp32 (export) calls torch.load itself; within this block it gets the safe
   load.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,8 +50,9 @@ def load(path, map_location=None, **kwargs):
     except pickle.UnpicklingError as e:
         found = re.search(r"(?:Unsupported global|Unsupported operand|Trying to call reduce).*?(?=\.|$)", str(e), re.M)
         what = found.group(0) if found else str(e).splitlines()[0]
-        raise CheckpointError(f"{path}: refused: it asks to import or call what a checkpoint never holds ({what}); "
-                              f"nothing in it was run") from None
+        raise CheckpointError(
+            f"{path}: refused: it asks to import or call what a checkpoint never holds ({what}); nothing in it was run"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable checkpoint file ({str(e).splitlines()[0]})") from None
 
@@ -64,8 +66,10 @@ def _zip_or_refuse(path) -> None:
     except OSError as e:
         raise CheckpointError(f"{path}: not a readable checkpoint file ({e.strerror})") from None
     if not ok:
-        raise CheckpointError(f"{path}: not a readable checkpoint file (not torch.save's zip format: truncated, "
-                              f"overwritten or not a checkpoint)")
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint file (not torch.save's zip format: truncated, "
+            f"overwritten or not a checkpoint)"
+        )
 
 
 def check(tag_dir: Path) -> None:
@@ -79,8 +83,10 @@ def check(tag_dir: Path) -> None:
             raise CheckpointError(f"{path}: not a readable checkpoint file ({str(e).splitlines()[0]})") from None
         bad = sorted(set(names) - ok)
         if bad:
-            raise CheckpointError(f"{path}: refused: it names {', '.join(bad)}, which loading it would import and "
-                                  f"may run; a checkpoint holds tensors and DeepSpeed's own plain types")
+            raise CheckpointError(
+                f"{path}: refused: it names {', '.join(bad)}, which loading it would import and "
+                f"may run; a checkpoint holds tensors and DeepSpeed's own plain types"
+            )
 
 
 class SafeCheckpointEngine(TorchCheckpointEngine):

@@ -13,6 +13,7 @@ lives in DeepSpeed, whose engine steps a scheduler only after an applied update.
 scaler skips therefore still counts as update t, and the next one runs at t + 1's rate, as the trainer's step,
 the data position and the checkpoints do; a resume needs nothing but the step.
 """
+
 from __future__ import annotations
 
 

@@ -12,6 +12,7 @@ ZeRO shards of each layout joined into whole tensors under the model's own names
 rank writes its parameters' shares of the moments into DeepSpeed's optimizer. Random streams cannot follow ranks
 to another layout: they are re-seeded from train.seed, the step and the data-parallel rank.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,12 @@ def write(tag_dir: Path) -> Path:
         save_safetensors(sd, cfg, tmp / f"{name}.safetensors")
         del sd
     _, _, states = read_optimizer_file(optimizer_files(tag_dir)[0])
-    info = {"optimizer_step": int(states[0]["step"]), "step": meta["step"], "world_size": meta["world_size"],
-            "parallel": meta.get("parallel", f"TP 1 x PP 1 x DP {meta['world_size']}")}
+    info = {
+        "optimizer_step": int(states[0]["step"]),
+        "step": meta["step"],
+        "world_size": meta["world_size"],
+        "parallel": meta.get("parallel", f"TP 1 x PP 1 x DP {meta['world_size']}"),
+    }
     (tmp / INFO).write_text(json.dumps(info, indent=1))
     out = tag_dir / DIRECTORY
     shutil.rmtree(out, ignore_errors=True)
@@ -98,8 +103,8 @@ def _set_zero3_state(zero, p, whole: torch.Tensor, key: str) -> None:
     the padding."""
     part, _ = zero._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=key)
     start = part.numel() * zero._get_param_partition_rank(p)
-    chunk = whole.flatten()[start:start + part.numel()]
-    part[:chunk.numel()].copy_(chunk)
+    chunk = whole.flatten()[start : start + part.numel()]
+    part[: chunk.numel()].copy_(chunk)
 
 
 def _create_states(zero, step: int) -> None:
@@ -109,8 +114,11 @@ def _create_states(zero, step: int) -> None:
     flats = getattr(zero, "fp32_partitioned_groups_flat", None) or zero.single_partition_of_fp32_groups
     torch_adam = isinstance(opt, (torch.optim.Adam, torch.optim.AdamW))
     for flat in flats:
-        opt.state[flat] = {"step": torch.tensor(float(step)) if torch_adam else step,
-                           "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+        opt.state[flat] = {
+            "step": torch.tensor(float(step)) if torch_adam else step,
+            "exp_avg": torch.zeros_like(flat),
+            "exp_avg_sq": torch.zeros_like(flat),
+        }
     if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
         zero._lazy_init_hp_params_optimizer_state()
 

@@ -18,6 +18,7 @@ Backends: "reference" (plain PyTorch, materialised bias, fp32 softmax as OFA), "
 a materialised float bias; the CPU default), "triton" (the fused kernel; the CUDA default).
 `backend=None` reads OFA_DS_ATTENTION, else "auto".
 """
+
 from __future__ import annotations
 
 import os
@@ -30,17 +31,35 @@ from .relpos import KIND_IMAGE, KIND_NONE, KIND_TEXT, RelPos  # noqa: F401
 BACKENDS = ("auto", "reference", "sdpa", "triton")
 
 
-def fused_attention(q, k, v, *, scale: float, causal: bool = False, key_padding_mask=None,
-                    rel_pos: RelPos | None = None, backend: str | None = None, pos_q=None,
-                    pos_k=None) -> torch.Tensor:
-    check_inputs(q, k, v, causal=causal, key_padding_mask=key_padding_mask, rel_pos=rel_pos, pos_q=pos_q,
-                 pos_k=pos_k)
+def fused_attention(
+    q,
+    k,
+    v,
+    *,
+    scale: float,
+    causal: bool = False,
+    key_padding_mask=None,
+    rel_pos: RelPos | None = None,
+    backend: str | None = None,
+    pos_q=None,
+    pos_k=None,
+) -> torch.Tensor:
+    check_inputs(q, k, v, causal=causal, key_padding_mask=key_padding_mask, rel_pos=rel_pos, pos_q=pos_q, pos_k=pos_k)
     backend = resolve_backend(backend, q)
     if backend == "triton":
         from .triton_attention import triton_attention
 
-        return triton_attention(q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask,
-                                rel_pos=rel_pos, pos_q=pos_q, pos_k=pos_k)
+        return triton_attention(
+            q,
+            k,
+            v,
+            scale=scale,
+            causal=causal,
+            key_padding_mask=key_padding_mask,
+            rel_pos=rel_pos,
+            pos_q=pos_q,
+            pos_k=pos_k,
+        )
     if pos_q is not None:
         q, k = torch.cat([q, pos_q.to(q.dtype)], -1), torch.cat([k, pos_k.to(k.dtype)], -1)
     fn = reference_attention if backend == "reference" else sdpa_attention
@@ -78,8 +97,9 @@ def check_inputs(q, k, v, *, causal, key_padding_mask, rel_pos, pos_q=None, pos_
         if pos_q.dim() != 4 or pos_q.shape[:3] != q.shape[:3]:
             raise ValueError(f"pos_q must be (B, H, Tq, P) = ({B}, {H}, {Tq}, P), got {tuple(pos_q.shape)}")
         if pos_k.dim() != 4 or pos_k.shape[:3] != k.shape[:3] or pos_k.shape[3] != pos_q.shape[3]:
-            raise ValueError(f"pos_k must be (B, H, Tk, P) = ({B}, {H}, {k.shape[2]}, {pos_q.shape[3]}), got "
-                             f"{tuple(pos_k.shape)}")
+            raise ValueError(
+                f"pos_k must be (B, H, Tk, P) = ({B}, {H}, {k.shape[2]}, {pos_q.shape[3]}), got {tuple(pos_k.shape)}"
+            )
     if v.shape[:3] != k.shape[:3]:
         raise ValueError(f"v {tuple(v.shape)} does not match k {tuple(k.shape)} in batch, heads or length")
     if not (q.dtype == k.dtype == v.dtype):
@@ -88,16 +108,22 @@ def check_inputs(q, k, v, *, causal, key_padding_mask, rel_pos, pos_q=None, pos_
     if causal and Tq != Tk:
         raise ValueError(f"causal attention needs Tq == Tk, got {Tq} and {Tk}")
     if key_padding_mask is not None and (key_padding_mask.shape != (B, Tk) or key_padding_mask.dtype != torch.bool):
-        raise ValueError(f"key_padding_mask must be bool (B, Tk) = ({B}, {Tk}), got "
-                         f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+        raise ValueError(
+            f"key_padding_mask must be bool (B, Tk) = ({B}, {Tk}), got "
+            f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+        )
     if rel_pos is not None:
         rp = rel_pos
         if rp.q_kind.shape != (B, Tq) or rp.q_pos.shape != (B, Tq):
-            raise ValueError(f"rel_pos query kinds/positions must be ({B}, {Tq}), got "
-                             f"{tuple(rp.q_kind.shape)}, {tuple(rp.q_pos.shape)}")
+            raise ValueError(
+                f"rel_pos query kinds/positions must be ({B}, {Tq}), got "
+                f"{tuple(rp.q_kind.shape)}, {tuple(rp.q_pos.shape)}"
+            )
         if rp.k_kind.shape != (B, Tk) or rp.k_pos.shape != (B, Tk):
-            raise ValueError(f"rel_pos key kinds/positions must be ({B}, {Tk}), got "
-                             f"{tuple(rp.k_kind.shape)}, {tuple(rp.k_pos.shape)}")
+            raise ValueError(
+                f"rel_pos key kinds/positions must be ({B}, {Tk}), got "
+                f"{tuple(rp.k_kind.shape)}, {tuple(rp.k_pos.shape)}"
+            )
         for name, t in (("text_table", rp.text_table), ("image_table", rp.image_table)):
             if t is not None and (t.dim() != 2 or t.shape[1] != H):
                 raise ValueError(f"rel_pos.{name} must be (num_buckets, H={H}), got {tuple(t.shape)}")
@@ -156,5 +182,14 @@ def sdpa_attention(q, k, v, *, scale, causal=False, key_padding_mask=None, rel_p
     return out if dead is None else out.masked_fill(dead, 0)
 
 
-__all__ = ["fused_attention", "reference_attention", "sdpa_attention", "RelPos", "resolve_backend", "check_inputs",
-           "KIND_NONE", "KIND_TEXT", "KIND_IMAGE"]
+__all__ = [
+    "fused_attention",
+    "reference_attention",
+    "sdpa_attention",
+    "RelPos",
+    "resolve_backend",
+    "check_inputs",
+    "KIND_NONE",
+    "KIND_TEXT",
+    "KIND_IMAGE",
+]

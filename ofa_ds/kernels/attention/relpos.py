@@ -11,6 +11,7 @@ This covers every attention OFA has: the encoder's [image ; text] sequence (text
 image x image blocks only), the decoder's text targets (all text) and image-code targets (all image,
 ids from `decoder_image_position_ids`), and cross-attention (no rel_pos at all).
 """
+
 from __future__ import annotations
 
 import math
@@ -85,12 +86,23 @@ class RelPos:
     image_table: torch.Tensor | None  # ((2n-1)^2 + 3, H)
     text_lut: torch.Tensor  # (2*max_positions - 1,) int32, see text_bucket_lut
     image_grid: int  # n (image_bucket_size)
-    cache: dict = field(default_factory=dict, repr=False)  # shared by all layers: bucket indices depend on positions only
+    cache: dict = field(
+        default_factory=dict, repr=False
+    )  # shared by all layers: bucket indices depend on positions only
 
     def with_tables(self, text_table, image_table) -> "RelPos":
         """The same positions with another layer's tables (positions are shared across layers)."""
-        return RelPos(self.q_kind, self.q_pos, self.k_kind, self.k_pos, text_table, image_table,
-                      self.text_lut, self.image_grid, self.cache)
+        return RelPos(
+            self.q_kind,
+            self.q_pos,
+            self.k_kind,
+            self.k_pos,
+            text_table,
+            image_table,
+            self.text_lut,
+            self.image_grid,
+            self.cache,
+        )
 
     @property
     def max_positions(self) -> int:
@@ -125,7 +137,9 @@ class RelPos:
         if mask is not None:
             idx = idx.masked_fill(mask, off + 1)
         table = parts[0]
-        rows = torch.cat(parts + [table.new_zeros(1, table.shape[1]), table.new_full((1, table.shape[1]), float("-inf"))])
+        rows = torch.cat(
+            parts + [table.new_zeros(1, table.shape[1]), table.new_full((1, table.shape[1]), float("-inf"))]
+        )
         return _GatherBias.apply(rows, idx).transpose(0, 1)  # (H, B, Tq, Tk) -> (B, H, Tq, Tk)
 
     def materialize(self) -> torch.Tensor:

@@ -13,6 +13,7 @@ are (BLOCK, 1) pointers to the first element of each row.
 The tables arrive transposed, (H, num_buckets) contiguous, so one head's row is contiguous and a
 gather is a pointer offset (no per-element multiply).
 """
+
 import triton
 import triton.language as tl
 
@@ -119,8 +120,17 @@ def load_tokens(KIND, POS, KPM, b, offs, T, HAS_REL: tl.constexpr, HAS_KPM: tl.c
 
 
 @triton.jit
-def rel_buckets(q_kind, q_pos, k_kind, k_pos, LUT, MAX_POS: tl.constexpr, N: tl.constexpr,
-                HAS_TEXT: tl.constexpr, HAS_IMAGE: tl.constexpr):
+def rel_buckets(
+    q_kind,
+    q_pos,
+    k_kind,
+    k_pos,
+    LUT,
+    MAX_POS: tl.constexpr,
+    N: tl.constexpr,
+    HAS_TEXT: tl.constexpr,
+    HAS_IMAGE: tl.constexpr,
+):
     """(BM, BN) masks and table columns of the text x text and image x image pairs.
 
     text:  LUT[clamp(pos_q - pos_k) + MAX_POS - 1]                       (relpos.text_bucket_lut)
@@ -151,8 +161,24 @@ def rel_buckets(q_kind, q_pos, k_kind, k_pos, LUT, MAX_POS: tl.constexpr, N: tl.
 
 
 @triton.jit
-def logits(qk, scale, offs_m, offs_n, TK, k_pad, is_text, text_col, is_image, image_col, TEXT_T, IMAGE_T,
-           CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_TEXT: tl.constexpr, HAS_IMAGE: tl.constexpr):
+def logits(
+    qk,
+    scale,
+    offs_m,
+    offs_n,
+    TK,
+    k_pad,
+    is_text,
+    text_col,
+    is_image,
+    image_col,
+    TEXT_T,
+    IMAGE_T,
+    CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_TEXT: tl.constexpr,
+    HAS_IMAGE: tl.constexpr,
+):
     """scale * q.k + relative bias (fp32), -inf where the key is padding, past the end or in the future.
     TEXT_T / IMAGE_T point at this head's table row."""
     s = qk * scale
@@ -169,10 +195,41 @@ def logits(qk, scale, offs_m, offs_n, TK, k_pad, is_text, text_col, is_image, im
 
 
 @triton.jit
-def key_block(q0, q1, q2, q3, q_kind, q_pos, offs_m, K, s_kt, PK, s_pkt, V, s_vt, K_KIND, K_POS, KPM, b, offs_n, TK,
-              LUT, TEXT_T, IMAGE_T, scale, MAX_POS: tl.constexpr, GRID_N: tl.constexpr, CAUSAL: tl.constexpr,
-              HAS_KPM: tl.constexpr, HAS_TEXT: tl.constexpr, HAS_IMAGE: tl.constexpr, HAS_POS: tl.constexpr,
-              D0: tl.constexpr, D1: tl.constexpr, DOT_T: tl.constexpr):
+def key_block(
+    q0,
+    q1,
+    q2,
+    q3,
+    q_kind,
+    q_pos,
+    offs_m,
+    K,
+    s_kt,
+    PK,
+    s_pkt,
+    V,
+    s_vt,
+    K_KIND,
+    K_POS,
+    KPM,
+    b,
+    offs_n,
+    TK,
+    LUT,
+    TEXT_T,
+    IMAGE_T,
+    scale,
+    MAX_POS: tl.constexpr,
+    GRID_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_TEXT: tl.constexpr,
+    HAS_IMAGE: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    D0: tl.constexpr,
+    D1: tl.constexpr,
+    DOT_T: tl.constexpr,
+):
     """Key block `offs_n`: its k pieces (load_qk), v pieces and the logits of the query block against it. The
     forward and the dQ backward both call this, so the backward recomputes exactly the logits the forward
     normalised. K, PK, V point at this sample's and head's rows."""
@@ -180,8 +237,25 @@ def key_block(q0, q1, q2, q3, q_kind, q_pos, offs_m, K, s_kt, PK, s_pkt, V, s_vt
     k0, k1, k2, k3 = load_qk(K + offs_n[:, None] * s_kt, PK + offs_n[:, None] * s_pkt, ok, D0, D1, HAS_POS, DOT_T)
     v0, v1 = load_pieces(V + offs_n[:, None] * s_vt, ok, D0, D1, DOT_T)
     k_kind, k_pos, k_pad = load_tokens(K_KIND, K_POS, KPM, b, offs_n, TK, HAS_TEXT or HAS_IMAGE, HAS_KPM)
-    is_text, text_col, is_image, image_col = rel_buckets(q_kind, q_pos, k_kind, k_pos, LUT, MAX_POS, GRID_N,
-                                                         HAS_TEXT, HAS_IMAGE)
-    s = logits(dot_nt(q0, q1, q2, q3, k0, k1, k2, k3, D1, HAS_POS), scale, offs_m, offs_n, TK, k_pad, is_text,
-               text_col, is_image, image_col, TEXT_T, IMAGE_T, CAUSAL, HAS_KPM, HAS_TEXT, HAS_IMAGE)
+    is_text, text_col, is_image, image_col = rel_buckets(
+        q_kind, q_pos, k_kind, k_pos, LUT, MAX_POS, GRID_N, HAS_TEXT, HAS_IMAGE
+    )
+    s = logits(
+        dot_nt(q0, q1, q2, q3, k0, k1, k2, k3, D1, HAS_POS),
+        scale,
+        offs_m,
+        offs_n,
+        TK,
+        k_pad,
+        is_text,
+        text_col,
+        is_image,
+        image_col,
+        TEXT_T,
+        IMAGE_T,
+        CAUSAL,
+        HAS_KPM,
+        HAS_TEXT,
+        HAS_IMAGE,
+    )
     return k0, k1, k2, k3, v0, v1, s

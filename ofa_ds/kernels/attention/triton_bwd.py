@@ -13,20 +13,84 @@ Determinism: dQ, dK, dV are each written by exactly one program, so they are bit
 table gradients are accumulated with fp32 atomic adds; on a GPU their summation order varies, so they
 reproduce only to fp32 rounding (the interpreter runs programs in order and is bit-reproducible).
 """
+
 import triton
 import triton.language as tl
 
-from .triton_bias import (dot_acc, dot_nt, key_block, load_pieces, load_qk, load_tokens, logits, rel_buckets,
-                          store_cols, store_qk, zeros_like_pieces)
+from .triton_bias import (
+    dot_acc,
+    dot_nt,
+    key_block,
+    load_pieces,
+    load_qk,
+    load_tokens,
+    logits,
+    rel_buckets,
+    store_cols,
+    store_qk,
+    zeros_like_pieces,
+)
 
 
 @triton.jit
-def attn_bwd_dq(Q, PQ, K, PK, V, O, DO, DQ, DPQ, LSE, DELTA, KPM, Q_KIND, Q_POS, K_KIND, K_POS, TEXT_T, IMAGE_T, LUT,
-                s_qb, s_qh, s_qt, s_pqb, s_pqh, s_pqt, s_kb, s_kh, s_kt, s_pkb, s_pkh, s_pkt, s_vb, s_vh, s_vt,
-                s_dob, s_doh, s_dot, s_dq, H, TQ, TK, TEXT_ROWS, scale, T_BUCKET,
-                MAX_POS: tl.constexpr, GRID_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-                HAS_TEXT: tl.constexpr, HAS_IMAGE: tl.constexpr, HAS_POS: tl.constexpr, D0: tl.constexpr,
-                D1: tl.constexpr, DOT_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def attn_bwd_dq(
+    Q,
+    PQ,
+    K,
+    PK,
+    V,
+    O,
+    DO,
+    DQ,
+    DPQ,
+    LSE,
+    DELTA,
+    KPM,
+    Q_KIND,
+    Q_POS,
+    K_KIND,
+    K_POS,
+    TEXT_T,
+    IMAGE_T,
+    LUT,
+    s_qb,
+    s_qh,
+    s_qt,
+    s_pqb,
+    s_pqh,
+    s_pqt,
+    s_kb,
+    s_kh,
+    s_kt,
+    s_pkb,
+    s_pkh,
+    s_pkt,
+    s_vb,
+    s_vh,
+    s_vt,
+    s_dob,
+    s_doh,
+    s_dot,
+    s_dq,
+    H,
+    TQ,
+    TK,
+    TEXT_ROWS,
+    scale,
+    T_BUCKET,
+    MAX_POS: tl.constexpr,
+    GRID_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_TEXT: tl.constexpr,
+    HAS_IMAGE: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    D0: tl.constexpr,
+    D1: tl.constexpr,
+    DOT_T: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = (bh // H).to(tl.int64), bh % H
     text_t = TEXT_T + h * TEXT_ROWS
@@ -35,8 +99,15 @@ def attn_bwd_dq(Q, PQ, K, PK, V, O, DO, DQ, DPQ, LSE, DELTA, KPM, Q_KIND, Q_POS,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     in_q = offs_m < TQ
     ok_m = in_q[:, None]
-    q0, q1, q2, q3 = load_qk(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qt,
-                             PQ + b * s_pqb + h * s_pqh + offs_m[:, None] * s_pqt, ok_m, D0, D1, HAS_POS, DOT_T)
+    q0, q1, q2, q3 = load_qk(
+        Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qt,
+        PQ + b * s_pqb + h * s_pqh + offs_m[:, None] * s_pqt,
+        ok_m,
+        D0,
+        D1,
+        HAS_POS,
+        DOT_T,
+    )
     do0, do1 = load_pieces(DO + b * s_dob + h * s_doh + offs_m[:, None] * s_dot, ok_m, D0, D1, DOT_T)
     o0, o1 = load_pieces(O + (bh * TQ + offs_m[:, None]).to(tl.int64) * (D0 + D1), ok_m, D0, D1, tl.float32)
     delta = tl.sum(o0 * do0.to(tl.float32), 1)  # (BM,) = rowsum(P * dP)
@@ -53,18 +124,59 @@ def attn_bwd_dq(Q, PQ, K, PK, V, O, DO, DQ, DPQ, LSE, DELTA, KPM, Q_KIND, Q_POS,
     hi = tl.minimum(TK, (pid_m + 1) * BLOCK_M) if CAUSAL else TK
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k0, k1, k2, k3, v0, v1, s = key_block(q0, q1, q2, q3, q_kind, q_pos, offs_m, K, s_kt, PK, s_pkt, V, s_vt,
-                                              K_KIND, K_POS, KPM, b, offs_n, TK, LUT, text_t, image_t, scale, MAX_POS,
-                                              GRID_N, CAUSAL, HAS_KPM, HAS_TEXT, HAS_IMAGE, HAS_POS, D0, D1,
-                                              DOT_T)  # s: (BM, BN)
+        k0, k1, k2, k3, v0, v1, s = key_block(
+            q0,
+            q1,
+            q2,
+            q3,
+            q_kind,
+            q_pos,
+            offs_m,
+            K,
+            s_kt,
+            PK,
+            s_pkt,
+            V,
+            s_vt,
+            K_KIND,
+            K_POS,
+            KPM,
+            b,
+            offs_n,
+            TK,
+            LUT,
+            text_t,
+            image_t,
+            scale,
+            MAX_POS,
+            GRID_N,
+            CAUSAL,
+            HAS_KPM,
+            HAS_TEXT,
+            HAS_IMAGE,
+            HAS_POS,
+            D0,
+            D1,
+            DOT_T,
+        )  # s: (BM, BN)
         p = tl.exp(s - lse[:, None])  # (BM, BN)
         ds = p * (dot_nt(do0, do1, do0, do1, v0, v1, v0, v1, D1, False) - delta[:, None])  # d loss / d logits
         ds = ds.to(Q.dtype.element_ty).to(DOT_T)
         dq0, dq1, dq2, dq3 = dot_acc(ds, k0, k1, k2, k3, dq0, dq1, dq2, dq3, D1, HAS_POS)
     rows = (bh * TQ + offs_m[:, None]).to(tl.int64) * s_dq
     ty = DQ.dtype.element_ty
-    store_qk(DQ + rows, DPQ + rows, ok_m, D0, D1, HAS_POS, (dq0 * scale).to(ty), (dq1 * scale).to(ty),
-             (dq2 * scale).to(ty), (dq3 * scale).to(ty))
+    store_qk(
+        DQ + rows,
+        DPQ + rows,
+        ok_m,
+        D0,
+        D1,
+        HAS_POS,
+        (dq0 * scale).to(ty),
+        (dq1 * scale).to(ty),
+        (dq2 * scale).to(ty),
+        (dq3 * scale).to(ty),
+    )
 
 
 @triton.jit
@@ -105,14 +217,66 @@ def add_table_grads(DG, col, ds, BM: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
-def attn_bwd_dkdv(Q, PQ, K, PK, V, DO, DK, DPK, DV, DG, LSE, DELTA, KPM, Q_KIND, Q_POS, K_KIND, K_POS,
-                  TEXT_T, IMAGE_T, LUT,
-                  s_qb, s_qh, s_qt, s_pqb, s_pqh, s_pqt, s_kb, s_kh, s_kt, s_pkb, s_pkh, s_pkt, s_vb, s_vh, s_vt,
-                  s_dob, s_doh, s_dot, s_dk, H, TQ, TK, TEXT_ROWS, scale, T_BUCKET,
-                  MAX_POS: tl.constexpr, GRID_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-                  HAS_TEXT: tl.constexpr, HAS_IMAGE: tl.constexpr, HAS_POS: tl.constexpr, D0: tl.constexpr,
-                  D1: tl.constexpr, DOT_T: tl.constexpr, BLOCK_REDUCE: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
+def attn_bwd_dkdv(
+    Q,
+    PQ,
+    K,
+    PK,
+    V,
+    DO,
+    DK,
+    DPK,
+    DV,
+    DG,
+    LSE,
+    DELTA,
+    KPM,
+    Q_KIND,
+    Q_POS,
+    K_KIND,
+    K_POS,
+    TEXT_T,
+    IMAGE_T,
+    LUT,
+    s_qb,
+    s_qh,
+    s_qt,
+    s_pqb,
+    s_pqh,
+    s_pqt,
+    s_kb,
+    s_kh,
+    s_kt,
+    s_pkb,
+    s_pkh,
+    s_pkt,
+    s_vb,
+    s_vh,
+    s_vt,
+    s_dob,
+    s_doh,
+    s_dot,
+    s_dk,
+    H,
+    TQ,
+    TK,
+    TEXT_ROWS,
+    scale,
+    T_BUCKET,
+    MAX_POS: tl.constexpr,
+    GRID_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_TEXT: tl.constexpr,
+    HAS_IMAGE: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    D0: tl.constexpr,
+    D1: tl.constexpr,
+    DOT_T: tl.constexpr,
+    BLOCK_REDUCE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     pid_n, bh = tl.program_id(0), tl.program_id(1)
     b, h = (bh // H).to(tl.int64), bh % H
     text_t = TEXT_T + h * TEXT_ROWS
@@ -123,8 +287,15 @@ def attn_bwd_dkdv(Q, PQ, K, PK, V, DO, DK, DPK, DV, DG, LSE, DELTA, KPM, Q_KIND,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     in_k = offs_n < TK
     ok_n = in_k[:, None]
-    k0, k1, k2, k3 = load_qk(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kt,
-                             PK + b * s_pkb + h * s_pkh + offs_n[:, None] * s_pkt, ok_n, D0, D1, HAS_POS, DOT_T)
+    k0, k1, k2, k3 = load_qk(
+        K + b * s_kb + h * s_kh + offs_n[:, None] * s_kt,
+        PK + b * s_pkb + h * s_pkh + offs_n[:, None] * s_pkt,
+        ok_n,
+        D0,
+        D1,
+        HAS_POS,
+        DOT_T,
+    )
     v0, v1 = load_pieces(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vt, ok_n, D0, D1, DOT_T)
     k_kind, k_pos, k_pad = load_tokens(K_KIND, K_POS, KPM, b, offs_n, TK, HAS_TEXT or HAS_IMAGE, HAS_KPM)
 
@@ -138,17 +309,33 @@ def attn_bwd_dkdv(Q, PQ, K, PK, V, DO, DK, DPK, DV, DG, LSE, DELTA, KPM, Q_KIND,
         offs_m = start_m + tl.arange(0, BLOCK_M)
         in_q = offs_m < TQ
         ok_m = in_q[:, None]
-        q0, q1, q2, q3 = load_qk(Q + offs_m[:, None] * s_qt, PQ + offs_m[:, None] * s_pqt, ok_m, D0, D1, HAS_POS,
-                                 DOT_T)
+        q0, q1, q2, q3 = load_qk(Q + offs_m[:, None] * s_qt, PQ + offs_m[:, None] * s_pqt, ok_m, D0, D1, HAS_POS, DOT_T)
         do0, do1 = load_pieces(DO + offs_m[:, None] * s_dot, ok_m, D0, D1, DOT_T)
         lse = tl.load(LSE + bh * TQ + offs_m, mask=in_q, other=float("inf"))
         delta = tl.load(DELTA + bh * TQ + offs_m, mask=in_q, other=0.0)
         q_kind, q_pos, _ = load_tokens(Q_KIND, Q_POS, KPM, b, offs_m, TQ, HAS_TEXT or HAS_IMAGE, False)
-        is_text, text_col, is_image, image_col = rel_buckets(q_kind, q_pos, k_kind, k_pos, LUT, MAX_POS, GRID_N,
-                                                             HAS_TEXT, HAS_IMAGE)
+        is_text, text_col, is_image, image_col = rel_buckets(
+            q_kind, q_pos, k_kind, k_pos, LUT, MAX_POS, GRID_N, HAS_TEXT, HAS_IMAGE
+        )
         qk = dot_nt(q0, q1, q2, q3, k0, k1, k2, k3, D1, HAS_POS)
-        s = logits(qk, scale, offs_m, offs_n, TK, k_pad, is_text, text_col, is_image, image_col, text_t, image_t,
-                   CAUSAL, HAS_KPM, HAS_TEXT, HAS_IMAGE)
+        s = logits(
+            qk,
+            scale,
+            offs_m,
+            offs_n,
+            TK,
+            k_pad,
+            is_text,
+            text_col,
+            is_image,
+            image_col,
+            text_t,
+            image_t,
+            CAUSAL,
+            HAS_KPM,
+            HAS_TEXT,
+            HAS_IMAGE,
+        )
         p = tl.exp(s - lse[:, None])  # (BM, BN)
         pt = tl.trans(p.to(Q.dtype.element_ty).to(DOT_T))
         dv0 = tl.dot(pt, do0, dv0, input_precision="ieee")
@@ -171,8 +358,18 @@ def attn_bwd_dkdv(Q, PQ, K, PK, V, DO, DK, DPK, DV, DG, LSE, DELTA, KPM, Q_KIND,
                 tl.atomic_add(dg + tl.where(col >= 0, col, 0), ds, mask=col >= 0, sem="relaxed")
     rows = (bh * TK + offs_n[:, None]).to(tl.int64)
     ty = DK.dtype.element_ty
-    store_qk(DK + rows * s_dk, DPK + rows * s_dk, ok_n, D0, D1, HAS_POS, (dk0 * scale).to(ty), (dk1 * scale).to(ty),
-             (dk2 * scale).to(ty), (dk3 * scale).to(ty))
+    store_qk(
+        DK + rows * s_dk,
+        DPK + rows * s_dk,
+        ok_n,
+        D0,
+        D1,
+        HAS_POS,
+        (dk0 * scale).to(ty),
+        (dk1 * scale).to(ty),
+        (dk2 * scale).to(ty),
+        (dk3 * scale).to(ty),
+    )
     store_cols(DV + rows * (D0 + D1), 0, D0, ok_n, dv0.to(DV.dtype.element_ty))
     if D1 > 0:
         store_cols(DV + rows * (D0 + D1), D0, D1, ok_n, dv1.to(DV.dtype.element_ty))

@@ -11,6 +11,7 @@ backend: "torch", "cuda" (the csrc/resnet extension) or "auto" (the extension on
 kernels' dtypes where it is built, torch ops elsewhere); None means the default, "auto" unless set by
 `use_backend`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,18 +37,53 @@ def use_backend(backend: str):
         _default_backend = previous
 
 
-def batch_norm_act(x, weight, bias, running_mean, running_var, *, training: bool, momentum: float = 0.1,
-                   eps: float = 1e-5, residual=None, relu: bool = True, sync_group=None, backend: str | None = None):
+def batch_norm_act(
+    x,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    *,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    residual=None,
+    relu: bool = True,
+    sync_group=None,
+    backend: str | None = None,
+):
     backend = backend or _default_backend
     if backend not in BACKENDS:
         raise ValueError(f"resnet kernel backend {backend!r}; valid: {', '.join(BACKENDS)}")
     if backend == "cuda" or (backend == "auto" and x.is_cuda and x.dtype in FUSED_DTYPES and extension_available()):
         from .cuda_ext import cuda_batch_norm_act
 
-        return cuda_batch_norm_act(x, weight, bias, running_mean, running_var, training=training,
-                                   momentum=momentum, eps=eps, residual=residual, relu=relu, sync_group=sync_group)
-    return torch_batch_norm_act(x, weight, bias, running_mean, running_var, training=training, momentum=momentum,
-                                eps=eps, residual=residual, relu=relu, sync_group=sync_group)
+        return cuda_batch_norm_act(
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            training=training,
+            momentum=momentum,
+            eps=eps,
+            residual=residual,
+            relu=relu,
+            sync_group=sync_group,
+        )
+    return torch_batch_norm_act(
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        training=training,
+        momentum=momentum,
+        eps=eps,
+        residual=residual,
+        relu=relu,
+        sync_group=sync_group,
+    )
 
 
 def extension_available() -> bool:
@@ -58,8 +94,20 @@ def extension_available() -> bool:
     return is_built()
 
 
-def torch_batch_norm_act(x, weight, bias, running_mean, running_var, *, training, momentum=0.1, eps=1e-5,
-                         residual=None, relu=True, sync_group=None):
+def torch_batch_norm_act(
+    x,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    *,
+    training,
+    momentum=0.1,
+    eps=1e-5,
+    residual=None,
+    relu=True,
+    sync_group=None,
+):
     if training and sync_group is not None:
         y = _sync_batch_norm(x, weight, bias, running_mean, running_var, momentum, eps, sync_group)
     else:
@@ -82,7 +130,7 @@ def _sync_batch_norm(x, weight, bias, running_mean, running_var, momentum, eps, 
     count = torch.full((1,), x.numel() // C, dtype=torch.float32, device=x.device)
     stats = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count])
     stats = dist_fn.all_reduce(stats, group=group)
-    s, ss, n = stats[:C], stats[C:2 * C], stats[2 * C]
+    s, ss, n = stats[:C], stats[C : 2 * C], stats[2 * C]
     mean = s / n
     var = (ss / n - mean * mean).clamp_min(0)
     if running_mean is not None:

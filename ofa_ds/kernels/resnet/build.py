@@ -10,6 +10,7 @@ warnings as errors); the torch binding is a .cpp that needs torch's CUDA headers
 
 Nothing is imported from ofa_ds or torch: setup.py loads this file on its own.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,16 +37,37 @@ def sources_present() -> bool:
 def resnet_extension(CUDAExtension):
     """The extension for setup.py (source paths relative to the checkout; torch picks the archs, see
     TORCH_CUDA_ARCH_LIST)."""
-    return CUDAExtension(EXTENSION, sources=[BINDING, *KERNELS],
-                         extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS})
+    return CUDAExtension(
+        EXTENSION, sources=[BINDING, *KERNELS], extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}
+    )
 
 
 def nvcc_compile_command(nvcc: str, source: str, arch: str, output: str) -> list[str]:
     """Compile-only check of one kernel file for sm_<arch> with warnings as errors."""
-    return [nvcc, "-c", str(ROOT / source), "-o", output, *NVCC_FLAGS, *STRICT_NVCC_FLAGS,
-            "-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    return [
+        nvcc,
+        "-c",
+        str(ROOT / source),
+        "-o",
+        output,
+        *NVCC_FLAGS,
+        *STRICT_NVCC_FLAGS,
+        "-gencode",
+        f"arch=compute_{arch},code=sm_{arch}",
+    ]
 
 
 def host_math_command(cxx: str, output: str) -> list[str]:
-    return [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror", str(ROOT / HOST_MATH),
-            "-o", output]
+    return [
+        cxx,
+        "-O2",
+        "-std=c++17",
+        "-shared",
+        "-fPIC",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        str(ROOT / HOST_MATH),
+        "-o",
+        output,
+    ]

@@ -3,6 +3,7 @@
 
 OFA_DS_BUILD_CUDA=0 disables the JIT build as it disables the setup.py build.
 """
+
 from __future__ import annotations
 
 import functools
@@ -14,8 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from . import FUSED_DTYPES
-from . import build
+from . import FUSED_DTYPES, build
 
 PREBUILT = "ofa_ds.kernels.resnet._C"
 log = logging.getLogger(__name__)
@@ -62,8 +62,13 @@ def _load() -> tuple[str, str]:
     log.info("compiling the ResNet CUDA extension (once; cached by torch.utils.cpp_extension)")
     try:
         sources = [str(build.ROOT / s) for s in (build.BINDING, *build.KERNELS)]
-        cpp_extension.load(name="ofa_resnet_cuda", sources=sources,
-                           extra_cflags=build.CXX_FLAGS, extra_cuda_cflags=build.NVCC_FLAGS, is_python_module=False)
+        cpp_extension.load(
+            name="ofa_resnet_cuda",
+            sources=sources,
+            extra_cflags=build.CXX_FLAGS,
+            extra_cuda_cflags=build.NVCC_FLAGS,
+            is_python_module=False,
+        )
     except (RuntimeError, OSError, ImportError) as e:
         log.warning("ResNet CUDA extension: JIT build failed, using torch ops: %s", e)
         return "", f"JIT build failed: {e}"
@@ -89,8 +94,20 @@ def extension_status() -> dict[str, str]:
     return {"resnet_cuda": "jit", "detail": "compiled on first use on CUDA tensors"}
 
 
-def cuda_batch_norm_act(x, weight, bias, running_mean, running_var, *, training: bool, momentum: float = 0.1,
-                        eps: float = 1e-5, residual=None, relu: bool = True, sync_group=None):
+def cuda_batch_norm_act(
+    x,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    *,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    residual=None,
+    relu: bool = True,
+    sync_group=None,
+):
     """batch_norm_act (see ofa_ds.kernels.resnet) on the fused kernels; x (N, C, H, W) on a CUDA device.
 
     x and residual are made channels_last (a copy if they are not); y is channels_last.
@@ -104,9 +121,11 @@ def cuda_batch_norm_act(x, weight, bias, running_mean, running_var, *, training:
         raise ValueError(f"ofa_ds.kernels.resnet: training needs more than 1 value per channel, got {tuple(x.shape)}")
     how, detail = _load()
     if not how:
-        raise ExtensionNotBuilt(f"ofa_ds.kernels.resnet: backend 'cuda' needs the csrc/resnet extension, which is "
-                                f"not built ({detail}); build it on a CUDA machine (pip install -e . with "
-                                f"OFA_DS_BUILD_CUDA=1) or use backend='torch'")
+        raise ExtensionNotBuilt(
+            f"ofa_ds.kernels.resnet: backend 'cuda' needs the csrc/resnet extension, which is "
+            f"not built ({detail}); build it on a CUDA machine (pip install -e . with "
+            f"OFA_DS_BUILD_CUDA=1) or use backend='torch'"
+        )
     if not x.is_cuda:
         raise ValueError(f"ofa_ds.kernels.resnet: backend 'cuda' needs CUDA tensors; x is on {x.device}")
     if weight is None:
@@ -116,8 +135,9 @@ def cuda_batch_norm_act(x, weight, bias, running_mean, running_var, *, training:
     x = x.contiguous(memory_format=torch.channels_last)
     if residual is not None:
         residual = residual.contiguous(memory_format=torch.channels_last)
-    return _BatchNormAct.apply(x, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu,
-                               sync_group)
+    return _BatchNormAct.apply(
+        x, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu, sync_group
+    )
 
 
 class _BatchNormAct(torch.autograd.Function):
@@ -131,8 +151,9 @@ class _BatchNormAct(torch.autograd.Function):
                 gathered = stats.new_empty((dist.get_world_size(group) * 3, x.shape[1]))
                 _all_gather_single(gathered, stats, group=group)
                 stats = ops.welford_combine(gathered.view(-1, 3, x.shape[1]))  # Chan's combine over ranks
-        y, mean, invstd = ops.bn_act_forward(x, residual, stats, weight, bias, running_mean, running_var, training,
-                                             momentum, eps, relu)
+        y, mean, invstd = ops.bn_act_forward(
+            x, residual, stats, weight, bias, running_mean, running_var, training, momentum, eps, relu
+        )
         ctx.save_for_backward(x, y if relu else None, weight, mean, invstd, stats[2] if training else None)
         ctx.training, ctx.relu, ctx.group, ctx.has_residual = training, relu, group, residual is not None
         ctx.bias_dtype = bias.dtype
@@ -156,6 +177,7 @@ class _BatchNormAct(torch.autograd.Function):
                 dist.all_reduce(sums, group=ctx.group)
         dx = torch.empty_like(x, memory_format=torch.channels_last)
         dres = torch.empty_like(x, memory_format=torch.channels_last) if ctx.has_residual else None
-        ops.bn_act_backward(dy, x, y, mean, invstd, weight, sums if ctx.training else None, count, ctx.training,
-                            ctx.relu, dx, dres)
+        ops.bn_act_backward(
+            dy, x, y, mean, invstd, weight, sums if ctx.training else None, count, ctx.training, ctx.relu, dx, dres
+        )
         return dx, dweight, dbias, dres, None, None, None, None, None, None, None
