@@ -10,7 +10,6 @@ are kept, as OFA's patch sampling; -1 keeps all), `--src-len` text tokens and `-
 Each backend runs in its own process so peak memory (CUDA: max allocated; CPU: peak RSS above the model's
 resident baseline) is not shared between them. FLOPs are flops.py's count of the step; the GEMM rate is a 2048^3
 fp32 matmul's on the same device and threads (the best of the runs before and after the steps), for comparison.
-On CPU the process keeps freed memory for the next step, as the trainer does (train/host_memory.py).
 """
 
 from __future__ import annotations
@@ -56,10 +55,8 @@ def measure(a) -> dict:
     from ofa_ds.config import model_preset
     from ofa_ds.model.ofa import OFAModel
     from ofa_ds.train.flops import stream_shape, train_flops
-    from ofa_ds.train.host_memory import keep_freed_memory
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    kept = dev.type == "cpu" and keep_freed_memory()  # as the trainer does on CPU
     gemm_before = gemm_rate(dev)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
     torch.manual_seed(0)
@@ -124,7 +121,6 @@ def measure(a) -> dict:
         "step_flops": flops,
         "flops_per_s": flops / median,
         "gemm_flops_per_s": max(gemm_before, gemm_rate(dev)),
-        "host_memory_kept": kept,
         "peak_mem_mb": round(peak, 1),
         "peak_mem_kind": "cuda max allocated"
         if dev.type == "cuda"

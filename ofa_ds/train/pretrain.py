@@ -131,10 +131,6 @@ class Trainer:
             save_dict(self.run_cfg.to_dict(), plan.out_dir / "config.yaml")
             save_dict(plan.ds, plan.out_dir / "ds_config.json")
 
-        if get_accelerator().device_name() == "cpu":
-            from ofa_ds.train.host_memory import keep_freed_memory
-
-            keep_freed_memory()  # no page faults for each step's activations
         self.kernels = eng.agree_on_kernels(plan.model, torch.device(get_accelerator().current_device_name()))
         from ofa_ds.parallel import checkpointing
 
