@@ -111,6 +111,8 @@ def main() -> None:
     doc = {
         "before": a.before,
         "after": a.after,
+        "command": " ".join(["python", "benchmarks/ab.py", *sys.argv[1:]]),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "commands": {side: " ".join(argv) for side, (_, argv) in sides.items()},
         "order": f"before, after alternated {a.reps} times",
         "summary": summary(results["before"], results["after"]),
