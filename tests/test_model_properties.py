@@ -219,3 +219,22 @@ def test_bad_checkpoint_lists_every_problem():
         "embed_tokens.weight: checkpoint (305, 64) vs model (300, 64)",
     ]:
         assert needle in msg
+
+
+def test_tied_embedding_gradient_is_dense_and_equal_to_dense_lookups():
+    """The lookups' sparse gradients (SharedEmbedding) are summed into the output projection's dense one: the
+    tied weight's gradient is a dense tensor equal to what dense lookups give, and so is every other gradient."""
+    torch.manual_seed(0)
+    m = OFAModel(small()).train()
+    assert m.embed_tokens.sparse
+    grads = {}
+    for sparse in (True, False):
+        m.embed_tokens.sparse = sparse
+        m.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same dropout masks for both
+        m(batch()).float().logsumexp(-1).sum().backward()
+        grads[sparse] = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+    assert grads[True]["embed_tokens.weight"].layout == torch.strided
+    assert grads[True].keys() == grads[False].keys()
+    for n, g in grads[False].items():
+        torch.testing.assert_close(grads[True][n], g, atol=1e-6, rtol=1e-6, msg=n)

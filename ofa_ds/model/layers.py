@@ -37,7 +37,14 @@ class Embedding(nn.Embedding):
 
 class SharedEmbedding(Embedding):
     """The token embedding that is also the output projection (tied): a module call either way, so that an engine
-    that gathers a module's parameters around its forward (ZeRO-3) sees both uses."""
+    that gathers a module's parameters around its forward (ZeRO-3) sees both uses.
+
+    Its lookups' gradients are sparse (the rows looked up): autograd adds them in place into the output projection's
+    dense (V, D) gradient, instead of a (V, D) block of zeros per lookup and a (V, D) sum. A copy that only looks up
+    (a pipeline's first stage) turns this off, else its whole gradient would be sparse."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None):
+        super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx, sparse=True)
 
     def forward(self, x, output: bool = False):
         if output:
