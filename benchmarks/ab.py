@@ -111,7 +111,7 @@ def main() -> None:
     doc = {
         "before": a.before,
         "after": a.after,
-        "command": " ".join(["python", "benchmarks/ab.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "benchmarks/ab.py", *sys.argv[1:]]),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "commands": {side: " ".join(argv) for side, (_, argv) in sides.items()},
         "order": f"before, after alternated {a.reps} times",
