@@ -176,6 +176,10 @@ def test_planned_activations_match_the_measured_peak(checkpointing, tmp_path):
     planned = stream_activations(
         cfg, StreamShape(4, 64, 8, 32, 16, images=2), checkpoint_every=0 if checkpointing == "none" else 1
     )
+    # It is the update's first backward: there the tied embedding's (V, D) gradient is allocated as the parameter's
+    # gradient itself (model states, kept); in every later backward of an update (other streams, micro-batches) it
+    # is a transient block summed into that one, which the planner counts for the peak.
+    planned -= cfg.vocab_size * cfg.embed_dim * 4
     assert abs(planned / measured - 1) < 0.2, (planned, measured)
 
 

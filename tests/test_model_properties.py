@@ -221,20 +221,41 @@ def test_bad_checkpoint_lists_every_problem():
         assert needle in msg
 
 
-def test_tied_embedding_gradient_is_dense_and_equal_to_dense_lookups():
-    """The lookups' sparse gradients (SharedEmbedding) are summed into the output projection's dense one: the
-    tied weight's gradient is a dense tensor equal to what dense lookups give, and so is every other gradient."""
+def _graph_nodes(t: torch.Tensor) -> set[str]:
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        todo.extend(n for n, _ in node.next_functions)
+    return {type(n).__name__ for n in seen}
+
+
+def _tied_grads(m: OFAModel, tie: bool, forwards: int, backwards: int) -> dict[str, torch.Tensor]:
+    """Gradients after `backwards` backward passes, each of the summed losses of `forwards` forwards."""
+    m.embed_tokens.tie = tie
+    m.zero_grad(set_to_none=True)
+    torch.manual_seed(1)  # the same dropout masks either way
+    for _ in range(backwards):
+        sum(m(batch()).float().logsumexp(-1).sum() for _ in range(forwards)).backward()
+    return {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("forwards, backwards", [(1, 1), (1, 2), (2, 1)])
+def test_tied_embedding_gradient_is_made_once_and_equals_plain_autograd(forwards, backwards):
+    """The tied weight's gradient goes through one _Tie node per forward (the lookups' sparse rows added into the
+    output projection's dense gradient): every gradient equals plain autograd's (tie off: dense lookups), also
+    accumulated over two backward passes and over two forwards summed into one loss, and the tied one is dense."""
     torch.manual_seed(0)
     m = OFAModel(small()).train()
-    assert m.embed_tokens.sparse
-    grads = {}
-    for sparse in (True, False):
-        m.embed_tokens.sparse = sparse
-        m.zero_grad(set_to_none=True)
-        torch.manual_seed(1)  # the same dropout masks for both
-        m(batch()).float().logsumexp(-1).sum().backward()
-        grads[sparse] = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
-    assert grads[True]["embed_tokens.weight"].layout == torch.strided
-    assert grads[True].keys() == grads[False].keys()
-    for n, g in grads[False].items():
-        torch.testing.assert_close(grads[True][n], g, atol=1e-6, rtol=1e-6, msg=n)
+    assert m.embed_tokens.tie
+    assert "_TieBackward" in _graph_nodes(m(batch()))
+    with torch.no_grad():
+        assert m.embed_tokens.aliases is None and "_TieBackward" not in _graph_nodes(m(batch()))
+    tied = _tied_grads(m, True, forwards, backwards)
+    plain = _tied_grads(m, False, forwards, backwards)
+    assert tied["embed_tokens.weight"].layout == torch.strided
+    assert tied.keys() == plain.keys()
+    for n, g in plain.items():
+        torch.testing.assert_close(tied[n], g, atol=1e-6, rtol=1e-6, msg=n)

@@ -7,6 +7,8 @@ relative tables, which live in the layer that uses them.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,21 +37,56 @@ class Embedding(nn.Embedding):
         self._fill_padding_idx_with_zero()
 
 
+class _Tie(torch.autograd.Function):
+    """Two aliases of the tied weight, one for the lookups and one for the output projection, whose gradients meet
+    in this node: the lookups' sparse rows are added in place into the projection's dense (V, D) gradient, and
+    autograd gets that one tensor. (Left to autograd, a dense gradient arriving first and a sparse one make a new
+    (V, D) tensor per lookup; two dense ones, a (V, D) block of zeros per lookup and a (V, D) sum.)"""
+
+    @staticmethod
+    def forward(ctx, weight):
+        return weight.view_as(weight), weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, lookups, output):  # sparse (V, D) rows or None; dense (V, D) or None
+        if output is None:
+            return None if lookups is None else lookups.to_dense()
+        if lookups is None:
+            return output
+        if output.is_contiguous():
+            return output.add_(lookups)
+        return output + lookups
+
+
 class SharedEmbedding(Embedding):
     """The token embedding that is also the output projection (tied): a module call either way, so that an engine
     that gathers a module's parameters around its forward (ZeRO-3) sees both uses.
 
-    Its lookups' gradients are sparse (the rows looked up): autograd adds them in place into the output projection's
-    dense (V, D) gradient, instead of a (V, D) block of zeros per lookup and a (V, D) sum. A copy that only looks up
-    (a pipeline's first stage) turns this off, else its whole gradient would be sparse."""
+    Within `tied_step()` (OFAModel.forward) both uses take the weight through one _Tie node and the lookups give
+    sparse rows. Elsewhere (encode or decode alone, a pipeline's stages) and with `tie` off, every use reads the
+    weight itself, densely. An engine that gathers the weight only around each call (ZeRO-3) turns `tie` off: the
+    aliases, made at the step's start, would keep the weight gathered the whole step."""
+
+    tie = True
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None):
-        super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx, sparse=True)
+        super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx)
+        self.aliases = None  # (the lookups' weight, the output projection's) within tied_step
+
+    @contextlib.contextmanager
+    def tied_step(self):
+        if self.tie and torch.is_grad_enabled() and self.weight.requires_grad:
+            self.aliases = _Tie.apply(self.weight)
+        try:
+            yield
+        finally:
+            self.aliases = None
 
     def forward(self, x, output: bool = False):
+        lookup_weight, output_weight = self.aliases or (self.weight, self.weight)
         if output:
-            return F.linear(x, self.weight)  # hidden states (B, T, D) -> logits (B, T, V)
-        return super().forward(x)
+            return F.linear(x, output_weight)  # hidden states (B, T, D) -> logits (B, T, V)
+        return F.embedding(x, lookup_weight, self.padding_idx, sparse=self.aliases is not None)
 
 
 def layer_norm(d: int) -> nn.LayerNorm:

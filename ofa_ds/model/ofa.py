@@ -7,6 +7,7 @@ Encoder sequence per sample: [image patches ; text tokens]; positions enter only
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
@@ -242,14 +243,16 @@ class OFAModel(nn.Module):
         return self.embed_tokens(x, output=True)  # (B, T, V)
 
     def forward(self, stream: dict) -> torch.Tensor:
-        enc = self.encode(
-            stream["src_tokens"],
-            stream.get("patch_images"),
-            stream.get("patch_masks"),
-            stream.get("patch_idx"),
-            stream.get("image_index"),
-        )
-        return self.decode(stream["prev_output_tokens"], enc, stream.get("code_masks"))
+        tied = self.embed_tokens.tied_step() if isinstance(self.embed_tokens, SharedEmbedding) else nullcontext()
+        with tied:  # the tied weight's gradient made once (TP's vocabulary-parallel embedding has its own)
+            enc = self.encode(
+                stream["src_tokens"],
+                stream.get("patch_images"),
+                stream.get("patch_masks"),
+                stream.get("patch_idx"),
+                stream.get("image_index"),
+            )
+            return self.decode(stream["prev_output_tokens"], enc, stream.get("code_masks"))
 
     def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
         """(module, parameter) pairs in which the module's forward reads a parameter it does not own: each layer's

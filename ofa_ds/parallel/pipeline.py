@@ -46,7 +46,6 @@ class TokenEmbedding(nn.Module):
     def __init__(self, embed: nn.Module):
         super().__init__()
         self.embed = embed
-        self.embed.sparse = False  # the first stage only looks up: a sparse gradient would be all it gets
 
     def forward(self, inputs):
         src_tokens, patch_images, patch_masks, patch_idx, image_index, prev_output_tokens, code_masks = inputs

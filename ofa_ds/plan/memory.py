@@ -179,10 +179,12 @@ def stream_activations(
     attention: str = "sdpa",
     checkpoint_every: int = 0,
     layers: tuple[int, int] | None = None,
+    tied: bool = True,
 ) -> float:
     """Peak bytes of activations of one stream's forward + backward on a rank holding `layers` (encoder, decoder)
     layers (all of them by default; the embeddings and the ResNet go with the encoder, the loss head with the
-    decoder when a stack is held at all)."""
+    decoder when a stack is held at all). `tied`: the plain model's tied-gradient node is on (not under TP, PP or
+    ZeRO-3), so the lookups' gradients are rows, not (V, D) blocks."""
     enc_layers, dec_layers = layers or (cfg.encoder_layers, cfg.decoder_layers)
     a = WEIGHT_BYTES[precision]
     d, f, heads, V = cfg.embed_dim, cfg.ffn_dim, cfg.heads, cfg.vocab_size
@@ -215,14 +217,14 @@ def stream_activations(
         kept_dec += B * T * a * 6 * d  # embeddings' LayerNorms, positions, final LayerNorm, output projection input
         kept_dec += B * T * 4 * V / tp  # log-softmax output (fp32)
         logits_grad = B * T * (4 + (a if a != 4 else 0)) * V / tp  # its gradient (and the 16-bit logits')
-    # The tied embedding's gradient: autograd sums its contributions (output projection, decoder input, encoder
-    # input) in one buffer until the backward ends, a dense (V, D) block from the loss head on, two while the next
-    # contribution is added.
+    # The tied embedding's gradient: a dense (V, D) block from the loss head to the backward's end, summed into the
+    # parameter's gradient then (in an update's first backward it becomes that gradient: one block less); with dense
+    # lookups (not tied), two while a lookup's block of zeros is summed into it.
     emb = V / tp * d * a
     phases = (
         kept_enc + kept_dec + logits_grad + emb,  # the loss head's backward
         kept_enc + kept_dec + emb + recompute_dec,  # the decoder layers' (a checkpointed one recomputed)
-        kept_enc + 2 * emb,  # the decoder's embedding contribution
+        kept_enc + (1 if tied else 2) * emb,  # the decoder's embedding lookup
         kept_enc + emb + recompute_enc,  # the encoder layers'
     )
     return max(phases)

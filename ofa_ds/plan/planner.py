@@ -117,9 +117,17 @@ def evaluate(
     streams = batch.streams(layout.micro_batch)
     every = 0 if layout.activation_checkpointing == "none" else 1
     held = _stage_layers(cfg, layout.pp)
+    tied = layout.tp == 1 and layout.pp == 1 and layout.zero_stage < 3  # SharedEmbedding.tie (engine.build_model)
     acts = max(
         stream_activations(
-            cfg, s, tp=layout.tp, precision=precision, attention="triton", checkpoint_every=every, layers=held
+            cfg,
+            s,
+            tp=layout.tp,
+            precision=precision,
+            attention="triton",
+            checkpoint_every=every,
+            layers=held,
+            tied=tied,
         )
         for s in streams
     )

@@ -138,6 +138,8 @@ def build_model(cfg: ModelConfig, ds: dict, seed: int, groups: Groups, checkpoin
     partition = zero_stage(ds) == 3 and groups.tp_size == 1
     with deepspeed.zero.Init(config_dict_or_path=ds) if partition else contextlib.nullcontext():
         model = OFAModel(cfg)
+    if partition:
+        model.embed_tokens.tie = False  # its aliases would keep the gathered weight for the whole step
     parallelize(model, groups)
     checkpointing.apply(model, checkpoint_every)
     if zero_stage(ds) == 3:
