@@ -10,8 +10,8 @@ buckets and clamps are hit, image ids including the special id 0); its size is O
 (default 4 cases; e.g. OFA_DS_ATTN_SWEEP=200 for a long run).
 
 Also: the position channels passed separately (pos_q / pos_k, read in place) against the concatenated
-path (bit-identical), the head-dim pieces (80 = 64 + 16, no padding to 128), and the per-block reduction of
-the table gradients (add_table_grads) against index_add and in the kernel against the per-element atomics.
+path (bit-identical) and the head-dim pieces (80 = 64 + 16, no padding to 128). The per-block reduction of the
+table gradients is tests/test_attention_table_grads.py's; the shared cases are tests/attention_cases.py.
 
 Tolerance: max |kernel - float64| <= TOL[dtype] * max(1, max |float64|) per tensor. The kernels keep
 fp32 statistics and accumulators; the error is the rounding of the probabilities (and dS) to the
@@ -32,101 +32,15 @@ from pathlib import Path
 import pytest
 import torch
 import triton
-import triton.language as tl
+from attention_cases import DEV, LUT, N, check, decoder_tokens, encoder_tokens, padding, run
 
 from ofa_ds.kernels.attention import fused_attention
 from ofa_ds.kernels.attention.relpos import (
-    KIND_IMAGE,
     KIND_TEXT,
     RelPos,
-    image_bucket,
     num_image_buckets,
     num_text_buckets,
-    text_bucket_lut,
 )
-
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 3e-2}
-N = 42  # image grid
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-LUT = text_bucket_lut(256, 1024, DEV)
-
-
-def encoder_tokens(B, P, L, g):
-    """OFA's encoder sequence: P sampled patches of a 24 x 24 grid (ids 1 + r*42 + c), then L text tokens."""
-    ids = torch.stack([torch.randperm(24 * 24, generator=g)[:P] for _ in range(B)])
-    ids = 1 + (ids // 24) * N + ids % 24
-    kind = torch.cat([torch.full((B, P), KIND_IMAGE), torch.full((B, L), KIND_TEXT)], 1)
-    pos = torch.cat([ids, torch.arange(L).expand(B, L)], 1)
-    return kind, pos
-
-
-def decoder_tokens(B, T, code):
-    """Decoder targets: text positions 0..T-1, or image codes with OFA's ids (0 for BOS, 16 x 16 grid, 1024)."""
-    grid = torch.cat(
-        [
-            torch.zeros(1, dtype=torch.long),
-            1 + (torch.arange(256) // 16) * N + torch.arange(256) % 16,
-            torch.full((1024,), 1024),
-        ]
-    )
-    code = torch.tensor(code)[:, None]
-    kind = torch.where(code, KIND_IMAGE, KIND_TEXT).expand(B, T)
-    pos = torch.where(code, grid[:T], torch.arange(T))
-    return kind, pos
-
-
-def run(dtype, *, B, H, Tq, Tk, dv, wqk, causal=False, pad=None, tokens=None, k_tokens=None, seed=0):
-    """Kernel and float64 reference on the same random inputs; returns [(name, kernel, reference)]."""
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
-    q, k, v = rnd(B, H, Tq, wqk), rnd(B, H, Tk, wqk), rnd(B, H, Tk, dv)
-    text_t, image_t = rnd(num_text_buckets(256), H), rnd(num_image_buckets(N), H)
-    dout = rnd(B, H, Tq, dv)
-    inputs = [t.to(DEV) for t in (q, k, v, text_t, image_t)]
-    kpm = pad.to(DEV) if pad is not None else None
-
-    def attend(q, k, v, text_t, image_t, backend):
-        rel = None
-        if tokens is not None:
-            (qk, qp), (kk, kp) = tokens, k_tokens or tokens
-            rel = RelPos(
-                qk.to(torch.int8).to(DEV),
-                qp.to(torch.int32).to(DEV),
-                kk.to(torch.int8).to(DEV),
-                kp.to(torch.int32).to(DEV),
-                text_t,
-                image_t,
-                LUT,
-                N,
-            )
-        return fused_attention(
-            q, k, v, scale=(2 * dv) ** -0.5, causal=causal, key_padding_mask=kpm, rel_pos=rel, backend=backend
-        )
-
-    results = []
-    for backend, ts in (("triton", inputs), ("reference", [t.double() for t in inputs])):
-        ts = [t.detach().requires_grad_() for t in ts]
-        out = attend(*ts, backend)
-        grads = torch.autograd.grad(out, ts, dout.to(DEV, out.dtype), allow_unused=True)
-        results.append([out, *grads])
-    names = ["out", "dq", "dk", "dv", "d_text_table", "d_image_table"]
-    return [(n, a, b) for n, a, b in zip(names, *results)]
-
-
-def check(results, dtype):
-    for name, got, want in results:
-        if want is None:  # a table the attention never reads
-            assert got is None or not got.any(), name
-            continue
-        assert got.dtype == dtype and torch.isfinite(got).all(), name
-        err = (got.double() - want).abs().max().item()
-        bound = TOL[dtype] * max(1.0, want.abs().max().item())
-        assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g}"
-
-
-def padding(B, T, lengths):
-    return torch.arange(T)[None, :] >= torch.tensor(lengths)[:, None]
-
 
 # Encoder [image ; text]: sample 1 is pure text (its patches all padded), text right-padded.
 ENC_KIND, ENC_POS = encoder_tokens(2, 12, 25, torch.Generator().manual_seed(1))
@@ -479,84 +393,3 @@ def test_head_dim_80_without_position_channels():
         k_tokens=encoder_tokens(2, 15, 20, torch.Generator().manual_seed(4)),
     )
     check(res, torch.float32)
-
-
-# ------------------------------------------------------------------ table gradients reduced per block
-
-
-@triton.jit
-def _table_grad_block(COL, DS, DG, N_ATOMICS, BM: tl.constexpr, BN: tl.constexpr):
-    from ofa_ds.kernels.attention.triton_bwd import add_table_grads
-
-    offs = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
-    tl.store(N_ATOMICS, add_table_grads(DG, tl.load(COL + offs), tl.load(DS + offs), BM, BN))
-
-
-def expected_atomics(col):
-    """add_table_grads' count, written out: per part (i >= j, i < j) of each skew column t (i - j = t mod BN),
-    one atomic per bucket if it has at most two, else two plus one per entry at a third bucket."""
-    BM, BN = col.shape
-    i, j = torch.arange(BM)[:, None], torch.arange(BN)[None, :]
-    t = (i - j) % BN
-    n = 0
-    for part in (t <= i, t > i):
-        for c in range(BN):
-            vals = col[(t == c) & part & (col >= 0)].tolist()
-            distinct = sorted(set(vals))
-            n += len(distinct) if len(distinct) <= 2 else 2 + sum(v not in distinct[:: len(distinct) - 1] for v in vals)
-    return n
-
-
-def block_patterns(BM, BN, g):
-    """Bucket blocks of OFA's kinds: text at consecutive positions (some pairs masked, log buckets included),
-    image patches in raster order (ids 1 + row*42 + col, rows of 24 patches; id 0 first), and arbitrary."""
-    lut = text_bucket_lut(256, 1024).long()
-    qp, kp = 150 + torch.arange(BM), torch.arange(BN)
-    text = lut[(qp[:, None] - kp[None, :]).clamp(-1023, 1023) + 1023]
-    text[torch.rand(BM, BN, generator=g) < 0.2] = -1
-    raster = torch.arange(24 * 24)
-    ids = torch.cat([torch.zeros(1, dtype=torch.long), 1 + raster // 24 * N + raster % 24])
-    image = image_bucket(ids[5 : 5 + BM, None], ids[None, :BN], N)
-    mixed = torch.randint(-1, 12, (BM, BN), generator=g)
-    return dict(text=text, image=image, mixed=mixed)
-
-
-@pytest.mark.parametrize("BM,BN", [(16, 16), (16, 32), (32, 16)])
-def test_add_table_grads_block_reduction(BM, BN):
-    """Exact sums per bucket (fp32 vs float64 index_add), with the atomics counted: one per bucket per skew column
-    part, per entry only for a third bucket; for BM <= BN (the kernels' blocks) a text block takes at most
-    BM + BN - 1 atomics and a raster image block at most 2 (BM + BN - 1), of BM * BN entries. BM > BN (several
-    diagonals per part) stays exact, with less reduction."""
-    g = torch.Generator().manual_seed(BM + BN)
-    for name, col in block_patterns(BM, BN, g).items():
-        col = col.to(torch.int32)
-        ds = torch.randn(BM, BN, generator=g)
-        dg = torch.zeros(int(col.max()) + 1, device=DEV)
-        n = torch.zeros(1, dtype=torch.int32, device=DEV)
-        _table_grad_block[(1,)](col.to(DEV), ds.to(DEV), dg, n, BM=BM, BN=BN)
-        live = col >= 0
-        want = torch.zeros(dg.shape, dtype=torch.float64).index_add_(0, col[live].long(), ds[live].double())
-        torch.testing.assert_close(dg.cpu().double(), want, rtol=0, atol=1e-5, msg=name)
-        assert n.item() == expected_atomics(col), name
-        if name == "text" and BM <= BN:
-            assert n.item() <= BM + BN - 1
-        if name == "image" and BM <= BN:
-            assert n.item() <= 2 * (BM + BN - 1) and n.item() < live.sum() // 4
-
-
-@pytest.mark.parametrize("block_reduce", [True, False], ids=["block", "element"])
-def test_table_gradients_reduced_per_block_match_reference(block_reduce, monkeypatch):
-    """Encoder with raster-order patches (24 per row, as OFA without patch sampling) and text, and decoder image
-    codes (BOS id 0): the table gradients through the per-block reduction and through per-element atomics, each
-    against float64."""
-    from ofa_ds.kernels.attention import triton_attention as ta
-
-    monkeypatch.setattr(ta, "BLOCK_REDUCE", block_reduce)
-    B, P, L = 2, 30, 13
-    ids = 1 + torch.arange(P) // 24 * N + torch.arange(P) % 24
-    kind = torch.cat([torch.full((B, P), KIND_IMAGE), torch.full((B, L), KIND_TEXT)], 1)
-    pos = torch.cat([ids.expand(B, P), torch.arange(L).expand(B, L)], 1)
-    pad = torch.cat([torch.zeros(B, P, dtype=torch.bool), padding(B, L, [L, 9])], 1)
-    check(run(torch.float32, B=B, H=1, Tq=P + L, Tk=P + L, dv=64, wqk=128, pad=pad, tokens=(kind, pos)), torch.float32)
-    codes = decoder_tokens(B, 37, [True, True])
-    check(run(torch.float32, B=B, H=1, Tq=37, Tk=37, dv=64, wqk=128, causal=True, tokens=codes), torch.float32)

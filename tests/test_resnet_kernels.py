@@ -1,154 +1,29 @@
 """The fused BatchNorm (+ residual) (+ ReLU) kernels of csrc/resnet.
 
-CPU: the kernels' shared math (csrc/resnet/bn_act_math.h) built for the host (bn_act_host.cpp, g++, ctypes)
-against torch in float64, and cuda_ext's autograd Function run over that host build. GPU (skipped without
-CUDA): the extension against torch on OFA's layer shapes. Dispatch: the ResNet on CPU is the same with the
-kernel path selected, and asking for the extension where it is not built is a clear error.
+CPU: the kernels' shared math (csrc/resnet/bn_act_math.h) built for the host (bn_act_host.cpp, g++, ctypes:
+tests/resnet_host.py) against torch in float64, and cuda_ext's autograd Function run over that host build. GPU
+(skipped without CUDA): the extension against torch on OFA's layer shapes. Dispatch: the ResNet on CPU is the same
+with the kernel path selected, and asking for the extension where it is not built is a clear error.
 """
 
 import copy
-import ctypes
-import hashlib
 import inspect
-import os
 import re
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from resnet_host import CODE, HostOps, host_library, ptr
 
 from ofa_ds.kernels.resnet import batch_norm_act, build, cuda_ext, use_backend
 from ofa_ds.model.resnet import ResNet
 
-CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # ofa_resnet::DType
 VEC = {torch.float32: 4, torch.float16: 8, torch.bfloat16: 8}  # channels per 16-byte pack
 CL = torch.channels_last
 
 
 # ---- host build of the shared math --------------------------------------------------------------------
-
-
-def _host_library() -> ctypes.CDLL:
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler for the host build of csrc/resnet")
-    sources = [build.ROOT / build.HOST_MATH, build.ROOT / build.CSRC / "bn_act_math.h"]
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in sources))
-    key.update(" ".join(build.host_math_command(cxx, "")).encode())
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ofa_ds" / "host_math"
-    path = cache / f"bn_act_host-{key.hexdigest()[:16]}.so"
-    if not path.exists():  # compiled once per source version (a few seconds)
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        r = subprocess.run(build.host_math_command(cxx, str(tmp)), capture_output=True, text=True)
-        assert r.returncode == 0, f"host build of {build.HOST_MATH} failed:\n{r.stderr}"
-        tmp.replace(path)
-    lib = ctypes.CDLL(str(path))
-    i32, i64, f32, p = ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-    lib.ofa_welford_stats.argtypes = [i32, p, i64, i32, i32, i32, p]
-    lib.ofa_welford_combine.argtypes = [p, i32, i32, p]
-    lib.ofa_bn_act_forward.argtypes = [i32, p, p, p, i64, i32, p, p, p, p, p, p, p, f32, f32, i32, i32]
-    lib.ofa_grad_sums.argtypes = [i32, p, p, p, p, i64, i32, i32, i32, i32, p]
-    lib.ofa_bn_act_backward.argtypes = [i32, p, p, p, p, p, p, p, p, p, p, i64, i32, i32, i32]
-    lib.ofa_from_float.argtypes = lib.ofa_to_float.argtypes = [i32, p, p, i64]
-    return lib
-
-
-def _ptr(t):
-    return None if t is None else t.data_ptr()
-
-
-class HostOps:
-    """torch.ops.ofa_resnet's ops (bn_act_binding.cpp) on CPU tensors over the host build.
-
-    Row reductions use `parts` row blocks of `block_rows` lane rows, like a kernel launch; `widths`
-    records the pack width each op used (16-byte vectors or the scalar path).
-    """
-
-    def __init__(self, lib, parts=3, block_rows=8):
-        self.lib, self.parts, self.block_rows, self.widths = lib, parts, block_rows, {}
-
-    def welford_stats(self, x):
-        C = x.shape[1]
-        stats = torch.empty(3, C)
-        self.widths["stats"] = self.lib.ofa_welford_stats(
-            CODE[x.dtype], _ptr(x), x.numel() // C, C, self.parts, self.block_rows, _ptr(stats)
-        )
-        return stats
-
-    def welford_combine(self, partials):
-        stats = torch.empty(3, partials.shape[2])
-        self.lib.ofa_welford_combine(_ptr(partials.contiguous()), partials.shape[0], partials.shape[2], _ptr(stats))
-        return stats
-
-    def bn_act_forward(
-        self, x, residual, stats, weight, bias, running_mean, running_var, training, momentum, eps, relu
-    ):
-        C = x.shape[1]
-        y = torch.empty_like(x, memory_format=CL)
-        mean, invstd = torch.empty(C), torch.empty(C)
-        self.widths["forward"] = self.lib.ofa_bn_act_forward(
-            CODE[x.dtype],
-            _ptr(x),
-            _ptr(residual),
-            _ptr(y),
-            x.numel() // C,
-            C,
-            _ptr(stats),
-            _ptr(weight.float()),
-            _ptr(bias.float()),
-            _ptr(running_mean),
-            _ptr(running_var),
-            _ptr(mean),
-            _ptr(invstd),
-            momentum,
-            eps,
-            int(training),
-            int(relu),
-        )
-        return y, mean, invstd
-
-    def grad_sums(self, dy, x, y, mean, relu):
-        C = x.shape[1]
-        sums = torch.empty(2, C)
-        self.widths["grad_sums"] = self.lib.ofa_grad_sums(
-            CODE[x.dtype],
-            _ptr(dy),
-            _ptr(x),
-            _ptr(y),
-            _ptr(mean),
-            x.numel() // C,
-            C,
-            self.parts,
-            self.block_rows,
-            int(relu),
-            _ptr(sums),
-        )
-        return sums
-
-    def bn_act_backward(self, dy, x, y, mean, invstd, weight, sums, count, training, relu, dx, dres):
-        C = x.shape[1]
-        self.widths["backward"] = self.lib.ofa_bn_act_backward(
-            CODE[x.dtype],
-            _ptr(dy),
-            _ptr(x),
-            _ptr(y),
-            _ptr(dx),
-            _ptr(dres),
-            _ptr(mean),
-            _ptr(invstd),
-            _ptr(weight.float()),
-            _ptr(sums),
-            _ptr(count),
-            x.numel() // C,
-            C,
-            int(training),
-            int(relu),
-        )
 
 
 def test_host_ops_have_the_bindings_signatures():
@@ -169,7 +44,7 @@ def test_host_ops_have_the_bindings_signatures():
 
 @pytest.fixture(scope="module")
 def host():
-    return HostOps(_host_library())
+    return HostOps(host_library())
 
 
 @pytest.fixture
@@ -222,7 +97,7 @@ def test_host_conversions_are_torchs_rounding(host, dtype):
     if dtype is not torch.float32:  # every 16-bit pattern widens exactly as torch does
         bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
         wide = torch.empty(65536)
-        lib.ofa_to_float(CODE[dtype], _ptr(bits), _ptr(wide), 65536)
+        lib.ofa_to_float(CODE[dtype], ptr(bits), ptr(wide), 65536)
         want = bits.view(dtype).float()
         assert torch.equal(wide.isnan(), want.isnan()) and torch.equal(wide[~want.isnan()], want[~want.isnan()])
     # float -> dtype: random scales, exact ties, subnormals, overflow, infinities, signed zeros, NaN.
@@ -251,7 +126,7 @@ def test_host_conversions_are_torchs_rounding(host, dtype):
     )
     vals = torch.cat([vals, ties, -ties, special])
     out = torch.empty(len(vals), dtype=dtype)
-    lib.ofa_from_float(CODE[dtype], _ptr(vals), _ptr(out), len(vals))
+    lib.ofa_from_float(CODE[dtype], ptr(vals), ptr(out), len(vals))
     want = vals.to(dtype)
     nan = want.isnan()
     assert torch.equal(out.isnan(), nan)
