@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pretrain_harness as H
 import pytest
@@ -51,14 +52,17 @@ def bench(tmp_path, run, ranks: int, *args) -> dict:
     """Run `ofa-ds bench` (the deepspeed launcher for several ranks, else one process) and load its JSON."""
     out = tmp_path / "results"
     cli = ["--module", "ofa_ds.cli", "bench"] if ranks > 1 else ["-m", "ofa_ds.cli", "bench"]
+    port = H.free_port()
     launcher = (
-        ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(H.free_port()), "--no_local_rank"]
+        ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), "--no_local_rank"]
         if ranks > 1
         else [sys.executable]
     )
     cmd = [*launcher, *cli, str(run), "--out", str(out), *args]
     done = subprocess.run(cmd, env=H.env(), cwd=H.ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    if ranks > 1:  # DeepSpeed's CPU all-reduce segments of this run (engine.release_shm_name) are gone
+        assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     files = sorted(out.glob("*.json"))
     assert len(files) == 1 and files[0].with_suffix(".csv").is_file(), files
     return json.loads(files[0].read_text())

@@ -69,7 +69,20 @@ def init_distributed() -> str:
     elif "OMP_NUM_THREADS" not in os.environ:
         cpu_threads_per_rank()
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    if backend == "gloo":
+        release_shm_name()
     return backend
+
+
+def release_shm_name() -> None:
+    """DeepSpeed's CPU all-reduce, when every rank is on one node, maps one /dev/shm segment per rank (69 MB, named
+    by user, master address and port) and never unlinks it: each CPU run would leave them behind until the node
+    runs out of memory. Once every rank has mapped every segment (init_distributed has returned on all ranks: a
+    barrier), a rank's name can go; the mappings stay."""
+    dist.barrier()
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{dist.get_rank()}"
+    Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def cpu_threads_per_rank() -> int:
